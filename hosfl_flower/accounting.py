@@ -1,0 +1,72 @@
+"""Per-round accounting: bytes of every record of every message, round trips, compute seconds (PROTOCOLS §6)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from flwr.app import Message
+
+CATEGORIES = (
+    "activations_up",
+    "labels_up",
+    "activation_grads_down",
+    "model_up",
+    "model_down",
+    "scalars_up",
+    "seeds_and_ledger_down",
+    "other",
+)
+
+RECORD_CATEGORIES: dict[tuple[str, str], str] = {
+    ("up", "smashed"): "activations_up",
+    ("up", "labels"): "labels_up",
+    ("down", "activation-grad"): "activation_grads_down",
+    ("up", "arrays"): "model_up",
+    ("down", "arrays"): "model_down",
+    ("up", "client-state"): "model_up",
+    ("down", "client-state"): "model_down",
+    ("up", "scalars"): "scalars_up",
+    ("down", "ledger"): "seeds_and_ledger_down",
+    ("down", "seeds"): "seeds_and_ledger_down",
+}
+"""``(direction, record name) -> category``; every other record counts as ``other``."""
+
+
+def message_bytes(message: Message) -> int:
+    """Sum of ``count_bytes()`` over the records of a message (0 for an error reply)."""
+    if message.has_error():
+        return 0
+    return sum(record.count_bytes() for record in message.content.values())
+
+
+@dataclass
+class RoundAccount:
+    """What one round cost: bytes per category, round trips, compute seconds."""
+
+    bytes: Counter = field(default_factory=Counter)
+    round_trips: int = 0
+    messages: int = 0
+    client_seconds: float = 0.0
+    server_seconds: float = 0.0
+
+    def count(self, message: Message, direction: str) -> None:
+        """Add the bytes of every record of ``message`` sent in ``direction`` (``up`` or ``down``)."""
+        if message.has_error():
+            return
+        self.messages += 1
+        for name, record in message.content.items():
+            self.bytes[RECORD_CATEGORIES.get((direction, name), "other")] += record.count_bytes()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes.values())
+
+    def as_metrics(self) -> dict[str, float | int]:
+        """Flat metrics: ``bytes.<category>`` for every category, totals, round trips and seconds."""
+        metrics: dict[str, float | int] = {f"bytes.{c}": int(self.bytes.get(c, 0)) for c in CATEGORIES}
+        metrics["bytes.total"] = self.total_bytes
+        metrics["round-trips"] = self.round_trips
+        metrics["client-seconds"] = self.client_seconds
+        metrics["server-seconds"] = self.server_seconds
+        return metrics

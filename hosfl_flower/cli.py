@@ -1,0 +1,90 @@
+"""``flower-simulation``: run a Flower App in Flower's simulation engine without a SuperLink.
+
+Flower dropped its own ``flower-simulation`` after 1.26; this one keeps its usage:
+``flower-simulation --app hosfl_flower.app --num-supernodes 10 --run-config "num-server-rounds=5"``.
+``--app`` takes a module path (a module with ``build_apps(overrides)`` or ``server_app`` /
+``client_app``) or an app directory (its ``pyproject.toml`` names the components).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, parse_run_config_overrides
+
+
+def _load_app(app: str, overrides: dict[str, Any]):
+    path = Path(app)
+    if path.is_dir():
+        pyproject = tomllib.loads((path / "pyproject.toml").read_text())
+        flwr_app = pyproject.get("tool", {}).get("flwr", {}).get("app", {})
+        components = flwr_app.get("components", {})
+        if "serverapp" not in components or "clientapp" not in components:
+            raise SystemExit(f"flower-simulation: {path / 'pyproject.toml'} has no [tool.flwr.app.components]")
+        sys.path.insert(0, str(path.resolve()))
+        server_module, _, server_attr = components["serverapp"].partition(":")
+        client_module, _, client_attr = components["clientapp"].partition(":")
+        module = importlib.import_module(server_module)
+        if hasattr(module, "build_apps"):
+            defaults = flwr_app.get("config", {})
+            return module.build_apps({**_flatten(defaults), **overrides})
+        if overrides:
+            raise SystemExit("flower-simulation: --run-config needs an app whose module defines build_apps(overrides)")
+        return getattr(module, server_attr), getattr(importlib.import_module(client_module), client_attr)
+    module = importlib.import_module(app)
+    if hasattr(module, "build_apps"):
+        return module.build_apps(overrides)
+    if overrides:
+        raise SystemExit(f"flower-simulation: --run-config needs {app}.build_apps(overrides)")
+    return module.server_app, module.client_app
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point."""
+    parser = argparse.ArgumentParser(prog="flower-simulation", description=__doc__.splitlines()[0])
+    parser.add_argument("--app", required=True, help="module path (hosfl_flower.app) or app directory")
+    parser.add_argument("--num-supernodes", type=int, default=10, help="simulated nodes (default 10)")
+    parser.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 zo.mu=0.001"')
+    parser.add_argument("--num-cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp actor")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    args = parser.parse_args(argv)
+    if args.num_supernodes < 1:
+        parser.error("--num-supernodes must be >= 1")
+    try:
+        overrides = parse_run_config_overrides(args.run_config)
+        server_app, client_app = _load_app(args.app, overrides)
+    except ConfigError as error:
+        print(f"flower-simulation: {error}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    from flwr.simulation import run_simulation
+
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=args.num_supernodes,
+        backend_config={"client_resources": {"num_cpus": args.num_cpus_per_client, "num_gpus": 0.0}},
+        verbose_logging=args.verbose,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

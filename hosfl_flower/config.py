@@ -1,0 +1,161 @@
+"""Every run-config key, its default and its validation, in one place.
+
+Keys arrive flattened (``zo.num-perturbations``) from ``[tool.flwr.app.config]``, ``flwr run -c``,
+or ``flower-simulation --run-config``. :func:`resolve_run_config` merges them over the defaults and
+checks every value before any work starts; a bad value raises :class:`ConfigError` with one line
+naming the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+STRATEGIES = ("hosfl",)
+MODELS = ("cnn",)
+DATASETS = ("digits",)
+PARTITIONERS = ("iid", "dirichlet")
+OPTIMIZERS = ("sgd", "adamw")
+PLACEMENTS = ("local", "ray")
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key, the value and what is allowed."""
+
+    def __init__(self, key: str, value: Any, allowed: str) -> None:
+        self.key, self.value, self.allowed = key, value, allowed
+        super().__init__(f"invalid run-config value {key}={value!r}: {allowed}")
+
+
+@dataclass(frozen=True)
+class Option:
+    """One run-config key: its default, type and allowed values."""
+
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def check(self, key: str, value: Any) -> Any:
+        """Return ``value`` converted to the option's type, or raise :class:`ConfigError`."""
+        kind = self.kind
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ConfigError(key, value, "must be true or false")
+            return value
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise ConfigError(key, value, f"must be an integer{self._range_text()}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(key, value, f"must be a number{self._range_text()}")
+            value = float(value)
+            if not math.isfinite(value):
+                raise ConfigError(key, value, f"must be a finite number{self._range_text()}")
+        elif kind is str:
+            if not isinstance(value, str):
+                raise ConfigError(key, value, "must be a string")
+            if self.choices is not None and value not in self.choices:
+                raise ConfigError(key, value, f"must be one of {', '.join(self.choices)}")
+            return value
+        if self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
+            raise ConfigError(key, value, f"must be {'>' if self.exclusive_minimum else '>='} {self.minimum:g}")
+        if self.maximum is not None and value > self.maximum:
+            raise ConfigError(key, value, f"must be <= {self.maximum:g}")
+        return value
+
+    def _range_text(self) -> str:
+        parts = []
+        if self.minimum is not None:
+            parts.append(f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}")
+        if self.maximum is not None:
+            parts.append(f"<= {self.maximum:g}")
+        return (" " + " and ".join(parts)) if parts else ""
+
+
+OPTIONS: dict[str, Option] = {
+    "strategy": Option("hosfl", "which protocol to run", choices=STRATEGIES),
+    "num-server-rounds": Option(150, "rounds to run", minimum=1),
+    "seed": Option(0, "seed of the server RNG, initial weights, data split and minibatches", minimum=0),
+    "model": Option("cnn", "split model", choices=MODELS),
+    "cut-layer": Option(2, "the client segment is the model's first cut-layer blocks", minimum=1),
+    "dataset": Option("digits", "dataset (bundled, no download)", choices=DATASETS),
+    "partitioner": Option("iid", "how training data is split across nodes", choices=PARTITIONERS),
+    "dirichlet-alpha": Option(0.3, "Dirichlet concentration for partitioner=dirichlet", minimum=0.0, exclusive_minimum=True),
+    "test-fraction": Option(0.2, "held-out share of the data for central evaluation", minimum=0.0, maximum=0.9, exclusive_minimum=True),
+    "clients-per-round": Option(3, "nodes sampled per round (K)", minimum=1),
+    "min-nodes": Option(0, "wait for this many nodes before round 1 (0: clients-per-round)", minimum=0),
+    "batch-size": Option(32, "examples per client minibatch", minimum=1),
+    "eval-every": Option(1, "central evaluation every this many rounds", minimum=1),
+    "eval-batch-size": Option(512, "batch size of central evaluation", minimum=1),
+    "zo.num-perturbations": Option(5, "P: seeded directions per round (0 freezes the client)", minimum=0),
+    "zo.mu": Option(1e-3, "μ: perturbation scale", minimum=0.0, exclusive_minimum=True),
+    "client.optimizer": Option("sgd", "client optimizer (sgd is stateless)", choices=OPTIMIZERS),
+    "client.lr": Option(0.1, "client learning rate", minimum=0.0),
+    "client.weight-decay": Option(0.0, "client decoupled weight decay", minimum=0.0),
+    "server.optimizer": Option("adamw", "server optimizer", choices=OPTIMIZERS),
+    "server.lr": Option(3e-3, "server learning rate", minimum=0.0),
+    "server.momentum": Option(0.9, "server SGD momentum", minimum=0.0, maximum=1.0),
+    "server.weight-decay": Option(0.0, "server weight decay", minimum=0.0),
+    "split-server.placement": Option("local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS),
+    "round-timeout": Option(600.0, "seconds to wait for replies in one exchange", minimum=0.0, exclusive_minimum=True),
+    "final-sync": Option(True, "after the last round, bring every node up to date and check its fingerprint"),
+    "results-dir": Option("results", "where per-round results and the final model are written"),
+}
+
+DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
+"""Every key with its default; ``[tool.flwr.app.config]`` in pyproject.toml holds the same table."""
+
+
+def resolve_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``layers`` (later wins) over the defaults and validate every key.
+
+    Unknown keys and bad values raise :class:`ConfigError`.
+    """
+    merged: dict[str, Any] = dict(DEFAULTS)
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in OPTIONS:
+                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(sorted(OPTIONS))}")
+            merged[key] = value
+    resolved = {key: OPTIONS[key].check(key, value) for key, value in merged.items()}
+    _check_cross_keys(resolved)
+    return resolved
+
+
+def _check_cross_keys(config: Mapping[str, Any]) -> None:
+    if config["model"] == "cnn" and not 1 <= config["cut-layer"] <= 4:
+        raise ConfigError("cut-layer", config["cut-layer"], "must be within the cnn's blocks 1..4")
+    if config["min-nodes"] and config["min-nodes"] < config["clients-per-round"]:
+        raise ConfigError("min-nodes", config["min-nodes"], f"must be 0 or >= clients-per-round ({config['clients-per-round']})")
+
+
+def parse_run_config_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"key=value key2='text'"`` (TOML values, as ``flwr run -c`` takes them)."""
+    import shlex
+    import tomllib
+
+    overrides: dict[str, Any] = {}
+    for item in shlex.split(text, posix=False):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(item, None, "overrides take the form key=value")
+        key = key.strip()
+        try:
+            overrides[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = raw.strip()
+        if key not in OPTIONS:
+            raise ConfigError(key, overrides[key], f"unknown key; known keys: {', '.join(sorted(OPTIONS))}")
+    return overrides

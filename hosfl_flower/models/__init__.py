@@ -1,0 +1,28 @@
+"""Split models and the registry that builds them from the run config."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .base import Inputs, Smashed, SplitModel
+from .cnn import SplitCNN
+
+MODEL_BUILDERS: dict[str, Callable[..., SplitModel]] = {
+    "cnn": lambda cut_layer, num_classes: SplitCNN(cut_layer=cut_layer, num_classes=num_classes),
+}
+"""Named model constructors: ``builder(cut_layer=..., num_classes=...) -> SplitModel``."""
+
+
+def build_split_model(name: str, cut_layer: int, num_classes: int, seed: int) -> SplitModel:
+    """Build a split model with initial weights determined by ``seed`` alone (every node builds the same)."""
+    if name not in MODEL_BUILDERS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODEL_BUILDERS))}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = MODEL_BUILDERS[name](cut_layer=cut_layer, num_classes=num_classes)
+    return model.eval()
+
+
+__all__ = ["Inputs", "MODEL_BUILDERS", "Smashed", "SplitCNN", "SplitModel", "build_split_model"]

@@ -1,0 +1,87 @@
+"""HO-SFL as a plain in-process loop, with no Flower: the independent check of the Flower run.
+
+It uses the same maths (models, split server, zeroth-order engine, schedule, minibatch draw) but none
+of the message, record, state or strategy machinery, so a Flower run that ends ``torch.equal`` to this
+loop has moved every number through Flower without loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .config import resolve_run_config
+from .data import load_federated_data, sample_batch
+from .evaluation import evaluate_model
+from .models import SplitModel, build_split_model
+from .schedule import RoundSchedule
+from .split_server import SplitServer
+from .zo import Ledger, LedgerEntry, aggregate_scalars, apply_entry, hybrid_probe_scalars, make_client_optimizer
+
+
+@dataclass
+class ReferenceResult:
+    """Final split model (client = the shared ``θ_c``), the ledger, and per-round metrics."""
+
+    model: SplitModel
+    ledger: Ledger
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_reference(run_config: Mapping[str, Any], num_partitions: int) -> ReferenceResult:
+    """Run HO-SFL for ``num-server-rounds`` rounds over ``num_partitions`` nodes, all in this process."""
+    cfg = resolve_run_config(run_config)
+    seed, num_probes, mu = cfg["seed"], cfg["zo.num-perturbations"], cfg["zo.mu"]
+    data = load_federated_data(
+        cfg["dataset"], num_partitions, cfg["partitioner"], cfg["dirichlet-alpha"], seed, cfg["test-fraction"]
+    )
+    model = build_split_model(cfg["model"], cfg["cut-layer"], data.num_classes, seed)
+    server = SplitServer(
+        model,
+        optimizer=cfg["server.optimizer"],
+        lr=cfg["server.lr"],
+        momentum=cfg["server.momentum"],
+        weight_decay=cfg["server.weight-decay"],
+    )
+    client_optimizer = make_client_optimizer(cfg["client.optimizer"], cfg["client.weight-decay"])
+    schedule = RoundSchedule(seed)
+    ledger = Ledger()
+    result = ReferenceResult(model, ledger)
+
+    for rnd in range(1, cfg["num-server-rounds"] + 1):
+        sampled = schedule.sample(range(num_partitions), cfg["clients-per-round"])
+        seeds = schedule.seeds(num_probes)
+        canonical = {k: v.clone() for k, v in model.client_state().items()}
+        batches, inputs = [], []
+        with torch.no_grad():
+            for pid in sampled:
+                batch = sample_batch(data.partition(pid), cfg["batch-size"], seed, pid, rnd)
+                batches.append((model.smash(batch.inputs), batch.labels))
+                inputs.append(batch.inputs)
+        sizes = [len(labels) for _, labels in batches]
+        step = server.step(batches, [n / sum(sizes) for n in sizes])
+        row: dict[str, Any] = {"round": rnd, "train_loss": step.loss}
+        if num_probes:
+            scalars = []
+            for batch_inputs, (smashed, _), lam in zip(inputs, batches, step.activation_grads):
+                scalars.append(
+                    hybrid_probe_scalars(
+                        lambda batch_inputs=batch_inputs: model.smash(batch_inputs)["z"],
+                        model.client_parameters(),
+                        smashed["z"],
+                        lam,
+                        seeds,
+                        mu,
+                    )
+                )
+                model.load_client_state(canonical)
+            entry = LedgerEntry(rnd, seeds, aggregate_scalars(scalars, sum(sizes), sum(sizes)), cfg["client.lr"], mu)
+            ledger.append(entry)
+            apply_entry(model.client_parameters(), client_optimizer, entry)
+        if rnd % cfg["eval-every"] == 0 or rnd == cfg["num-server-rounds"]:
+            row["loss"], row["accuracy"] = evaluate_model(model, data.test, cfg["eval-batch-size"])
+        result.history.append(row)
+    return result

@@ -1,0 +1,338 @@
+"""What every split strategy shares: node discovery and sampling, message exchange with accounting,
+reply validation, central evaluation, the per-round log line, the results file and the ``Result``.
+
+A protocol subclass implements :meth:`SplitStrategy.run_round` (and Flower's ``configure_train`` /
+``aggregate_train``) and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from abc import abstractmethod
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
+
+from ..accounting import RoundAccount
+from ..config import ConfigError, resolve_run_config
+from ..data import Examples
+from ..evaluation import evaluate_model
+from ..models import SplitModel
+from ..records import record_to_tensors, tensors_to_record
+from ..schedule import RoundSchedule
+from ..split_server import RaySplitServer, SplitServer, build_split_server
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node as the strategy knows it: Flower node id, its data partition, its number of examples."""
+
+    node_id: int
+    partition_id: int
+    num_examples: int
+
+
+class ReplyError(Exception):
+    """A reply failed validation; ``reason`` is the short name it is counted under."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def require_array(content: RecordDict, record: str, key: str) -> torch.Tensor:
+    """``content[record][key]`` as a tensor, or :class:`ReplyError` ``malformed``."""
+    arrays = content.array_records.get(record)
+    if arrays is None or key not in arrays:
+        raise ReplyError("malformed", f"missing {record}.{key}")
+    try:
+        return record_to_tensors(ArrayRecord({key: arrays[key]}))[key]
+    except Exception as error:  # noqa: BLE001 - any decoding failure is a malformed reply
+        raise ReplyError("malformed", f"{record}.{key} does not decode: {error}") from None
+
+
+def require_finite(tensor: torch.Tensor, what: str, bound: float = 1e12) -> None:
+    """Raise :class:`ReplyError` unless every value is finite and within ``bound``."""
+    if tensor.is_floating_point():
+        if not bool(torch.isfinite(tensor).all()):
+            raise ReplyError("non-finite", what)
+        if tensor.numel() and float(tensor.abs().max()) > bound:
+            raise ReplyError("out-of-range", what)
+
+
+class SplitStrategy(Strategy):
+    """Base of the split strategies: a Flower Message-API ``Strategy`` that owns a :class:`SplitModel`.
+
+    Hooks a subclass may override: :meth:`sample_nodes`, :meth:`aggregation_weights`,
+    :meth:`evaluate`. The model, the split server and the schedule are built from the run config
+    unless passed in.
+    """
+
+    name = "split"
+
+    def __init__(
+        self,
+        model: SplitModel,
+        test: Examples,
+        run_config: Mapping[str, Any] | None = None,
+        split_server: SplitServer | RaySplitServer | None = None,
+    ) -> None:
+        self.cfg = resolve_run_config(run_config or {})
+        self.model = model
+        self.test = test
+        self.schedule = RoundSchedule(self.cfg["seed"])
+        self._split_server = split_server
+        self.nodes: dict[int, NodeInfo] = {}
+        self.history: list[dict[str, Any]] = []
+        self.rejections: Counter = Counter()
+        self.results_dir = Path(self.cfg["results-dir"]) if self.cfg["results-dir"] else None
+
+    # ------------------------------------------------------------------ hooks
+    def sample_nodes(self, server_round: int, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
+        """The nodes that take part in ``server_round``: ``clients-per-round`` of them, drawn by
+        partition id with the run's seeded schedule (so simulation, deployment and the reference
+        loop agree)."""
+        by_partition = {n.partition_id: n for n in nodes}
+        picked = self.schedule.sample(list(by_partition), self.cfg["clients-per-round"])
+        return [by_partition[p] for p in picked]
+
+    def aggregation_weights(self, server_round: int, num_examples: Sequence[int]) -> list[float]:
+        """Weights ``w_n`` of the kept replies (default: share of examples)."""
+        total = sum(num_examples)
+        return [n / total for n in num_examples]
+
+    def evaluate(self, server_round: int) -> dict[str, float]:
+        """Central evaluation of the current model on the held-out test split."""
+        self.sync_server_weights()
+        loss, accuracy = evaluate_model(self.model, self.test, self.cfg["eval-batch-size"])
+        return {"loss": loss, "accuracy": accuracy}
+
+    # ------------------------------------------------------------------ to implement
+    @abstractmethod
+    def run_round(self, grid: Grid, server_round: int, account: RoundAccount) -> dict[str, Any]:
+        """Run one round's exchanges and updates; return the round's training metrics."""
+
+    # ------------------------------------------------------------------ Flower Strategy API
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Split strategies evaluate centrally: no federated evaluation messages."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+    def summary(self) -> None:
+        """Log the strategy and its settings."""
+        keys = ("num-server-rounds", "clients-per-round", "batch-size", "model", "cut-layer", "partitioner", "seed")
+        log(INFO, "%s: %s", type(self).__name__, ", ".join(f"{k}={self.cfg[k]}" for k in keys))
+
+    @property
+    def split_server(self) -> SplitServer | RaySplitServer:
+        """The split server (built on first use, so a Ray placement waits for Flower's Ray)."""
+        if self._split_server is None:
+            self._split_server = build_split_server(
+                self.model,
+                self.cfg["split-server.placement"],
+                optimizer=self.cfg["server.optimizer"],
+                lr=self.cfg["server.lr"],
+                momentum=self.cfg["server.momentum"],
+                weight_decay=self.cfg["server.weight-decay"],
+            )
+        return self._split_server
+
+    def sync_server_weights(self) -> None:
+        """Copy ``θ_s`` from a split server that does not share this process's model (Ray placement)."""
+        if isinstance(self._split_server, RaySplitServer):
+            self.model.server.load_state_dict(self._split_server.server_weights())
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord | None = None,
+        num_rounds: int | None = None,
+        timeout: float | None = None,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the federation and return Flower's ``Result`` (final whole-model arrays and metrics).
+
+        ``initial_arrays`` (whole-model state dict) replaces the initial weights; ``num_rounds`` and
+        ``timeout`` default to ``num-server-rounds`` and ``round-timeout``; ``evaluate_fn`` is called
+        after central evaluation with the whole model's arrays, like Flower's own strategies do.
+        """
+        if initial_arrays is not None and len(initial_arrays):
+            self.model.load_state_dict(record_to_tensors(initial_arrays))
+        num_rounds = num_rounds or self.cfg["num-server-rounds"]
+        self.timeout = float(timeout or self.cfg["round-timeout"])
+        self.train_config = train_config or ConfigRecord()
+        self.summary()
+        result = Result()
+        writer = _ResultsWriter(self.results_dir)
+        self.discover_nodes(grid)
+        _ = self.split_server
+        result.evaluate_metrics_serverapp[0] = MetricRecord(self._evaluate(0, evaluate_fn))
+        for server_round in range(1, num_rounds + 1):
+            account = RoundAccount()
+            started = time.perf_counter()
+            self.rejections = Counter()
+            metrics = self.run_round(grid, server_round, account)
+            row: dict[str, Any] = {"round": server_round, **metrics, **account.as_metrics()}
+            row.update({f"rejected.{reason}": count for reason, count in sorted(self.rejections.items())})
+            if server_round % self.cfg["eval-every"] == 0 or server_round == num_rounds:
+                evaluation = self._evaluate(server_round, evaluate_fn)
+                row.update(evaluation)
+                result.evaluate_metrics_serverapp[server_round] = MetricRecord(evaluation)
+            row["seconds"] = time.perf_counter() - started
+            result.train_metrics_clientapp[server_round] = MetricRecord(_numeric(row))
+            self.history.append(row)
+            writer.append(row)
+            self._log_round(row, num_rounds)
+        final = self.finish(grid)
+        if final:
+            log(INFO, "[%s] final: %s", self.name, ", ".join(f"{k}={v}" for k, v in final.items()))
+        self.sync_server_weights()
+        result.arrays = tensors_to_record(self.model.state_dict())
+        writer.finish(self.model, self.cfg, final)
+        return result
+
+    def finish(self, grid: Grid) -> dict[str, Any]:
+        """Called once after the last round (e.g. a final sync); returns summary metrics."""
+        return {}
+
+    # ------------------------------------------------------------------ machinery
+    def exchange(self, grid: Grid, messages: Sequence[Message], account: RoundAccount) -> list[Message]:
+        """Send ``messages``, wait for the replies, and account both directions."""
+        if not messages:
+            return []
+        for message in messages:
+            account.count(message, "down")
+        replies = list(grid.send_and_receive(messages, timeout=self.timeout))
+        for reply in replies:
+            account.count(reply, "up")
+        account.round_trips += 1
+        return replies
+
+    def reply_by_node(self, replies: Iterable[Message]) -> dict[int, Message]:
+        """Replies keyed by the node they came from."""
+        return {reply.metadata.src_node_id: reply for reply in replies}
+
+    def reject(self, reason: str, node: NodeInfo | None = None, detail: str = "") -> None:
+        """Count a rejected reply by reason (and log it)."""
+        self.rejections[reason] += 1
+        where = f" from partition {node.partition_id}" if node is not None else ""
+        log(WARNING, "[%s] reply rejected%s: %s%s", self.name, where, reason, f" ({detail})" if detail else "")
+
+    def message(self, node: NodeInfo, message_type: str, server_round: int, records: Mapping[str, Any]) -> Message:
+        """A message to ``node`` carrying ``records`` plus a ``config`` record with the round."""
+        config = ConfigRecord({**dict(self.train_config), "server-round": server_round})
+        content = RecordDict({**records, "config": config})
+        return Message(content, dst_node_id=node.node_id, message_type=message_type, group_id=str(server_round))
+
+    def discover_nodes(self, grid: Grid) -> None:
+        """Wait for enough nodes, then ask every new node for its partition (``query.hello``)."""
+        wanted = self.cfg["min-nodes"] or self.cfg["clients-per-round"]
+        deadline = time.monotonic() + self.timeout
+        last_count, stable_since = -1, time.monotonic()
+        while True:
+            node_ids = sorted(grid.get_node_ids())
+            if len(node_ids) >= wanted:
+                break
+            if len(node_ids) != last_count:
+                last_count, stable_since = len(node_ids), time.monotonic()
+            if not self.cfg["min-nodes"] and node_ids and time.monotonic() - stable_since > 15:
+                raise ConfigError(
+                    "clients-per-round", self.cfg["clients-per-round"], f"must be <= the number of nodes ({len(node_ids)})"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(node_ids)} of the {wanted} nodes needed connected within {self.timeout:.0f}s")
+            time.sleep(0.2)
+        new = [nid for nid in node_ids if nid not in self.nodes]
+        if not new:
+            return
+        messages = [
+            Message(RecordDict({}), dst_node_id=nid, message_type="query.hello", group_id="hello") for nid in new
+        ]
+        for reply in grid.send_and_receive(messages, timeout=self.timeout):
+            if reply.has_error():
+                self.reject("error", detail=reply.error.reason.splitlines()[-1] if reply.error.reason else "")
+                continue
+            info = reply.content.config_records["node"]
+            node = NodeInfo(reply.metadata.src_node_id, int(info["partition-id"]), int(info["num-examples"]))
+            clash = [n for n in self.nodes.values() if n.partition_id == node.partition_id]
+            if clash:
+                raise RuntimeError(f"nodes {clash[0].node_id} and {node.node_id} both hold partition {node.partition_id}")
+            self.nodes[node.node_id] = node
+        if len(self.nodes) < self.cfg["clients-per-round"]:
+            raise ConfigError(
+                "clients-per-round", self.cfg["clients-per-round"], f"must be <= the number of nodes ({len(self.nodes)})"
+            )
+        log(INFO, "[%s] %d nodes, partitions %s", self.name, len(self.nodes), sorted(n.partition_id for n in self.nodes.values()))
+
+    def _evaluate(self, server_round: int, evaluate_fn) -> dict[str, float]:
+        metrics = self.evaluate(server_round)
+        if evaluate_fn is not None:
+            extra = evaluate_fn(server_round, tensors_to_record(self.model.state_dict()))
+            if extra:
+                metrics.update(dict(extra))
+        return metrics
+
+    def _log_round(self, row: Mapping[str, Any], num_rounds: int) -> None:
+        parts = [f"[{self.name}] round {row['round']:>{len(str(num_rounds))}}/{num_rounds}"]
+        if "accuracy" in row:
+            parts.append(f"test acc {row['accuracy']:.4f}")
+            parts.append(f"loss {row['loss']:.4f}")
+        if "train-loss" in row:
+            parts.append(f"train loss {row['train-loss']:.4f}")
+        parts.append(f"bytes {_human_bytes(row['bytes.total'])}")
+        rejected = {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith("rejected.")}
+        if rejected:
+            parts.append("rejected " + ", ".join(f"{k}={v}" for k, v in rejected.items()))
+        log(INFO, " | ".join(parts))
+
+
+class _ResultsWriter:
+    """Per-round JSON lines, plus the final model and a summary, under ``results-dir``."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "rounds.jsonl").write_text("")
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        if self.directory is not None:
+            with open(self.directory / "rounds.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    def finish(self, model: SplitModel, config: Mapping[str, Any], final: Mapping[str, Any]) -> None:
+        if self.directory is None:
+            return
+        torch.save(
+            {"client": model.client.state_dict(), "server": model.server.state_dict(), "config": dict(config)},
+            self.directory / "final-model.pt",
+        )
+        (self.directory / "summary.json").write_text(json.dumps({"config": dict(config), "final": dict(final)}, indent=2))
+
+
+def _numeric(row: Mapping[str, Any]) -> dict[str, float | int]:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"

@@ -1,0 +1,245 @@
+"""HO-SFL (PROTOCOLS §1): zeroth-order clients, first-order server, dimension-free aggregation.
+
+Round ``t``: ``train.smash`` (ledger entries the node lacks → ``z``, ``y``, fingerprint), one
+first-order server step giving ``λ_n``, ``train.probe`` (``λ_n``, the round's seeds, ``μ`` → ``P``
+scalars), then ``v̄`` joins the ledger and updates the server's replica of ``θ_c``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+import math
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from ..accounting import RoundAccount
+from ..client import OPTIMIZER_PREFIX
+from ..records import ledger_to_record, tensors_to_record
+from ..zo import Ledger, LedgerEntry, aggregate_scalars, apply_entry, fingerprint, make_client_optimizer
+from .base import NodeInfo, ReplyError, SplitStrategy, require_array, require_finite
+
+
+@dataclass
+class SmashedReply:
+    """A validated smash reply."""
+
+    node: NodeInfo
+    smashed: dict[str, torch.Tensor]
+    labels: torch.Tensor
+    client_seconds: float
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.labels.shape[0])
+
+
+class HOSFLStrategy(SplitStrategy):
+    """HO-SFL as a Flower strategy. The server keeps the ledger and a replica of ``θ_c``."""
+
+    name = "hosfl"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ledger = Ledger()
+        self.client_optimizer = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
+        self.node_applied: dict[int, int] = {}
+        self.needs_weights: set[int] = set()
+        self._expected_z = self._smashed_shapes()
+        self._round: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ catch-up
+    def catch_up_records(self, node: NodeInfo) -> dict[str, Any]:
+        """Records bringing ``node`` up to date: its missing ledger entries, or the weights when that is
+        cheaper in bytes or the node must be repaired."""
+        applied = self.node_applied.get(node.node_id, 0)
+        entries = self.ledger.since(applied)
+        records: dict[str, Any] = {"sync": ConfigRecord({"from-round": applied})}
+        if entries:
+            records["ledger"] = ledger_to_record(entries)
+        if node.node_id in self.needs_weights or (
+            entries and records["ledger"].count_bytes() > self._client_state_bytes()
+        ):
+            last = self.ledger.last_round
+            records = {
+                "client-state": tensors_to_record(self._client_state_tensors()),
+                "sync": ConfigRecord({"from-round": last, "replacement-round": last}),
+            }
+        return records
+
+    def _client_state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = dict(self.model.client_state())
+        tensors.update({OPTIMIZER_PREFIX + k: v for k, v in self.client_optimizer.state_tensors().items()})
+        return tensors
+
+    def _client_state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._client_state_tensors().values())
+
+    # ------------------------------------------------------------------ exchange 1: smash
+    def configure_train(self, server_round: int, arrays: ArrayRecord | None, config: ConfigRecord | None, grid: Grid) -> list[Message]:
+        """Sample the round's nodes, draw its seeds, and build the ``train.smash`` messages.
+
+        ``arrays`` and ``config`` are unused: the strategy owns the model, and per-run settings
+        come from the run config (``start(train_config=...)`` adds keys to every message).
+        """
+        nodes = self.sample_nodes(server_round, list(self.nodes.values()))
+        self._round = {
+            "nodes": nodes,
+            "seeds": self.schedule.seeds(self.cfg["zo.num-perturbations"]),
+            "fingerprint": fingerprint(self.model.client_parameters()),
+        }
+        return [self.message(node, "train.smash", server_round, self.catch_up_records(node)) for node in nodes]
+
+    def validate_smash(self, reply: Message, node: NodeInfo) -> SmashedReply:
+        """Check a smash reply before it touches any state; raise :class:`ReplyError`."""
+        if reply.has_error():
+            raise ReplyError("error", reply.error.reason.strip().splitlines()[-1] if reply.error.reason else "")
+        meta = reply.content.config_records.get("meta")
+        if meta is None or "fingerprint" not in meta or "applied-round" not in meta:
+            raise ReplyError("malformed", "missing meta")
+        if meta["fingerprint"] != self._round["fingerprint"] or int(meta["applied-round"]) != self.ledger.last_round:
+            self.needs_weights.add(node.node_id)
+            raise ReplyError("fingerprint-mismatch", f"node at round {meta['applied-round']}")
+        self.node_applied[node.node_id] = self.ledger.last_round
+        self.needs_weights.discard(node.node_id)
+        z = require_array(reply.content, "smashed", "z")
+        labels = require_array(reply.content, "labels", "y")
+        if z.dtype != torch.float32:
+            raise ReplyError("wrong-dtype", f"z is {z.dtype}")
+        if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
+            raise ReplyError("wrong-dtype", f"labels are {labels.dtype} with shape {tuple(labels.shape)}")
+        if z.dim() == 0 or z.shape[0] != labels.shape[0] or labels.shape[0] == 0:
+            raise ReplyError("wrong-shape", f"z {tuple(z.shape)} for {labels.shape[0]} labels")
+        if self._expected_z is not None and tuple(z.shape[1:]) != self._expected_z:
+            raise ReplyError("wrong-shape", f"z {tuple(z.shape[1:])}, expected {self._expected_z}")
+        if int(meta.get("num-examples", -1)) != labels.shape[0]:
+            raise ReplyError("wrong-count", "num-examples disagrees with the labels")
+        if int(labels.min()) < 0 or int(labels.max()) >= self.model.num_classes:
+            raise ReplyError("out-of-range", "labels")
+        require_finite(z, "z")
+        smashed = {"z": z}
+        for key in reply.content.array_records["smashed"]:
+            if key != "z":
+                smashed[key] = require_array(reply.content, "smashed", key)
+        return SmashedReply(node, smashed, labels.long(), float(meta.get("compute-seconds", 0.0)))
+
+    # ------------------------------------------------------------------ exchange 2: probe
+    def configure_probe(self, server_round: int, kept: Sequence[SmashedReply], grads: Sequence[torch.Tensor]) -> list[Message]:
+        """``train.probe`` messages: ``λ_n``, the round's seeds and ``μ``."""
+        seeds = ConfigRecord({"seeds": list(self._round["seeds"]), "mu": self.cfg["zo.mu"]})
+        return [
+            self.message(reply.node, "train.probe", server_round, {"activation-grad": tensors_to_record({"z": lam}), "seeds": seeds})
+            for reply, lam in zip(kept, grads)
+        ]
+
+    def validate_probe(self, reply: Message) -> list[float]:
+        """Check a probe reply: exactly ``P`` finite scalars of sane size."""
+        if reply.has_error():
+            raise ReplyError("error", reply.error.reason.strip().splitlines()[-1] if reply.error.reason else "")
+        scalars = reply.content.metric_records.get("scalars")
+        if scalars is None or "values" not in scalars:
+            raise ReplyError("malformed", "missing scalars")
+        values = scalars["values"]
+        values = [values] if isinstance(values, (int, float)) else list(values)
+        if len(values) != len(self._round["seeds"]):
+            raise ReplyError("wrong-count", f"{len(values)} scalars for {len(self._round['seeds'])} seeds")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            raise ReplyError("non-finite", "scalars")
+        if any(abs(v) > 1e12 for v in values):
+            raise ReplyError("out-of-range", "scalars")
+        return [float(v) for v in values]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate the probe replies into ``v̄``, append it to the ledger and update the replica of ``θ_c``."""
+        by_node = self.reply_by_node(replies)
+        kept_scalars, kept_examples, seconds = [], 0, 0.0
+        for smashed in self._round["kept"]:
+            reply = by_node.get(smashed.node.node_id)
+            if reply is None:
+                self.reject("no-reply", smashed.node)
+                continue
+            try:
+                kept_scalars.append(self.validate_probe(reply))
+            except ReplyError as error:
+                self.reject(error.reason, smashed.node, str(error))
+                continue
+            kept_examples += smashed.num_examples
+            meta = reply.content.metric_records.get("meta")
+            seconds += float(meta["compute-seconds"]) if meta and "compute-seconds" in meta else 0.0
+        metrics = {"probe-replies": len(kept_scalars), "client-seconds": seconds}
+        if kept_scalars:
+            total = sum(r.num_examples for r in self._round["kept"])
+            entry = LedgerEntry(
+                server_round, self._round["seeds"], aggregate_scalars(kept_scalars, kept_examples, total), self.cfg["client.lr"], self.cfg["zo.mu"]
+            )
+            self.ledger.append(entry)
+            apply_entry(self.model.client_parameters(), self.client_optimizer, entry)
+        return None, MetricRecord(metrics)
+
+    # ------------------------------------------------------------------ the round
+    def run_round(self, grid: Grid, server_round: int, account: RoundAccount) -> dict[str, Any]:
+        """``train.smash`` → server step → ``train.probe`` → ledger update."""
+        messages = self.configure_train(server_round, None, None, grid)
+        by_node = self.reply_by_node(self.exchange(grid, messages, account))
+        kept: list[SmashedReply] = []
+        for node in self._round["nodes"]:
+            reply = by_node.get(node.node_id)
+            if reply is None:
+                self.reject("no-reply", node)
+                continue
+            try:
+                kept.append(self.validate_smash(reply, node))
+            except ReplyError as error:
+                self.reject(error.reason, node, str(error))
+        self._round["kept"] = kept
+        metrics: dict[str, Any] = {"sampled": len(self._round["nodes"]), "smash-replies": len(kept)}
+        if not kept:
+            metrics["skipped"] = 1
+            return metrics
+        account.client_seconds += sum(r.client_seconds for r in kept)
+        weights = self.aggregation_weights(server_round, [r.num_examples for r in kept])
+        step = self.split_server.step([(r.smashed, r.labels) for r in kept], weights)
+        account.server_seconds += step.seconds
+        metrics["train-loss"] = step.loss
+        if self._round["seeds"]:
+            replies = self.exchange(grid, self.configure_probe(server_round, kept, step.activation_grads), account)
+            _, probe_metrics = self.aggregate_train(server_round, replies)
+            account.client_seconds += float(probe_metrics.pop("client-seconds"))
+            metrics.update(dict(probe_metrics))
+        return metrics
+
+    def finish(self, grid: Grid) -> dict[str, Any]:
+        """With ``final-sync``: bring every node up to date (``query.sync``) and check its fingerprint."""
+        if not self.cfg["final-sync"]:
+            return {}
+        target = fingerprint(self.model.client_parameters())
+        nodes = sorted(self.nodes.values(), key=lambda n: n.partition_id)
+        messages = [
+            Message(RecordDict(self.catch_up_records(n)), dst_node_id=n.node_id, message_type="query.sync", group_id="final-sync")
+            for n in nodes
+        ]
+        by_node = self.reply_by_node(grid.send_and_receive(messages, timeout=self.timeout))
+        synced, mismatched = 0, 0
+        for node in nodes:
+            reply = by_node.get(node.node_id)
+            if reply is None or reply.has_error():
+                continue
+            meta = reply.content.config_records["meta"]
+            if meta["fingerprint"] == target:
+                synced += 1
+                self.node_applied[node.node_id] = self.ledger.last_round
+            else:
+                mismatched += 1
+        return {"final-sync-nodes": synced, "final-sync-mismatches": mismatched, "ledger-entries": len(self.ledger)}
+
+    # ------------------------------------------------------------------ helpers
+    def _smashed_shapes(self) -> tuple[int, ...] | None:
+        """Per-example shape of ``z`` (from one held-out example), for reply validation."""
+        if len(self.test) == 0:
+            return None
+        with torch.no_grad():
+            z = self.model.smash(self.test.take(torch.arange(1)).inputs)["z"]
+        return tuple(z.shape[1:])

@@ -1,0 +1,129 @@
+"""Client optimizers for zeroth-order updates.
+
+They step one parameter at a time from a gradient built for that parameter alone, so an update never
+materialises a full ``d_c``-sized gradient. The arithmetic is fixed here (not delegated to
+``torch.optim``) because the server's replica and every client must produce the same bits, and the
+state must travel as plain tensors (checkpoints, weight repair).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+
+
+class ClientOptimizer(ABC):
+    """Per-parameter optimizer whose state is a flat ``dict[str, Tensor]``."""
+
+    name: str
+
+    @abstractmethod
+    def begin_step(self) -> None:
+        """Called once before the parameters of one update are stepped."""
+
+    @abstractmethod
+    def step_param(self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """Apply the update for parameter ``index`` in place."""
+
+    @abstractmethod
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The optimizer state as named tensors (empty for stateless optimizers)."""
+
+    @abstractmethod
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore state produced by :meth:`state_tensors`."""
+
+
+class SGD(ClientOptimizer):
+    """Stateless SGD with optional decoupled weight decay: the client stays at inference-level memory."""
+
+    name = "sgd"
+
+    def __init__(self, weight_decay: float = 0.0) -> None:
+        self.weight_decay = float(weight_decay)
+
+    def begin_step(self) -> None:
+        pass
+
+    @torch.no_grad()
+    def step_param(self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        if self.weight_decay:
+            param.mul_(1.0 - lr * self.weight_decay)
+        param.add_(grad, alpha=-lr)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        if state:
+            raise ValueError(f"sgd is stateless but got state keys {sorted(state)[:3]}")
+
+
+class AdamW(ClientOptimizer):
+    """AdamW (decoupled weight decay, bias-corrected moments), as used by the paper's code."""
+
+    name = "adamw"
+
+    def __init__(
+        self,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.step = 0
+        self.exp_avg: dict[int, torch.Tensor] = {}
+        self.exp_avg_sq: dict[int, torch.Tensor] = {}
+
+    def begin_step(self) -> None:
+        self.step += 1
+
+    @torch.no_grad()
+    def step_param(self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        if index not in self.exp_avg:
+            self.exp_avg[index] = torch.zeros_like(param)
+            self.exp_avg_sq[index] = torch.zeros_like(param)
+        m, v = self.exp_avg[index], self.exp_avg_sq[index]
+        if self.weight_decay:
+            param.mul_(1.0 - lr * self.weight_decay)
+        m.mul_(self.beta1).add_(grad, alpha=1.0 - self.beta1)
+        v.mul_(self.beta2).addcmul_(grad, grad, value=1.0 - self.beta2)
+        bias1 = 1.0 - self.beta1**self.step
+        bias2 = 1.0 - self.beta2**self.step
+        denom = (v.sqrt() / math.sqrt(bias2)).add_(self.eps)
+        param.addcdiv_(m, denom, value=-lr / bias1)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        state = {"step": torch.tensor(self.step, dtype=torch.int64)}
+        for index in sorted(self.exp_avg):
+            state[f"exp_avg.{index}"] = self.exp_avg[index]
+            state[f"exp_avg_sq.{index}"] = self.exp_avg_sq[index]
+        return state
+
+    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        self.step = int(state["step"]) if "step" in state else 0
+        self.exp_avg, self.exp_avg_sq = {}, {}
+        for key, tensor in state.items():
+            if key == "step":
+                continue
+            kind, _, index = key.rpartition(".")
+            if kind not in ("exp_avg", "exp_avg_sq") or not index.isdigit():
+                raise ValueError(f"unexpected adamw state key {key!r}")
+            target = self.exp_avg if kind == "exp_avg" else self.exp_avg_sq
+            target[int(index)] = tensor.clone()
+
+
+CLIENT_OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_client_optimizer(name: str, weight_decay: float = 0.0) -> ClientOptimizer:
+    """Build a client optimizer by name (``sgd`` or ``adamw``)."""
+    if name == "sgd":
+        return SGD(weight_decay=weight_decay)
+    if name == "adamw":
+        return AdamW(weight_decay=weight_decay)
+    raise ValueError(f"unknown client optimizer {name!r}; allowed: {', '.join(CLIENT_OPTIMIZERS)}")
