@@ -69,10 +69,10 @@ class Option:
             if self.choices is not None and value not in self.choices:
                 raise ConfigError(key, value, f"must be one of {', '.join(self.choices)}")
             return value
-        if self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum)):
-            raise ConfigError(key, value, f"must be {'>' if self.exclusive_minimum else '>='} {self.minimum:g}")
-        if self.maximum is not None and value > self.maximum:
-            raise ConfigError(key, value, f"must be <= {self.maximum:g}")
+        below = self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum))
+        above = self.maximum is not None and value > self.maximum
+        if below or above:
+            raise ConfigError(key, value, f"must be {'an integer' if kind is int else 'a number'}{self._range_text()}")
         return value
 
     def _range_text(self) -> str:

@@ -46,7 +46,10 @@ class SplitServer:
         lr: float = 0.05,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        num_threads: int | None = None,
     ) -> None:
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
         self.model = model
         self.optimizer = make_server_optimizer(optimizer, model.server_parameters(), lr, momentum, weight_decay)
 
@@ -87,7 +90,8 @@ class RaySplitServer:
 
     Only for Flower's simulation engine, where Ray is already running in the ServerApp's process:
     this waits for the engine to initialise Ray and never calls ``ray.init`` itself. The actor
-    reserves no CPU (``num_cpus=0``) because the client actor pool takes them all.
+    reserves no CPU (``num_cpus=0``) because the client actor pool takes them all, and uses as many
+    torch threads as the creating process so that its arithmetic matches the in-process placement bit for bit.
     """
 
     def __init__(self, model: SplitModel, wait_seconds: float = 120.0, **optimizer_kwargs) -> None:
@@ -102,6 +106,7 @@ class RaySplitServer:
             time.sleep(0.05)
         actor_class = ray.remote(num_cpus=0)(SplitServer)
         self._ray = ray
+        optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())
         self._actor = actor_class.remote(model, **optimizer_kwargs)
 
     def step(self, batches, weights) -> StepResult:

@@ -1,0 +1,54 @@
+"""Shared helpers: running the package's console scripts and ``flwr`` in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def run_simulation_cli(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``flower-simulation ARGS`` in a subprocess (each run gets its own Ray)."""
+    return subprocess.run(
+        [str(BIN / "flower-simulation"), *args],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def simulate(tmp_path):
+    """Run ``flower-simulation --app hosfl_flower.app`` with run-config overrides; return (process, results dir)."""
+
+    def _run(overrides: str, num_supernodes: int = 10):
+        results = tmp_path / "results"
+        process = run_simulation_cli(
+            ["--app", "hosfl_flower.app", "--num-supernodes", str(num_supernodes),
+             "--run-config", f"{overrides} results-dir='{results}'"]
+        )
+        assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+        return process, results
+
+    return _run

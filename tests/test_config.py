@@ -1,0 +1,64 @@
+"""Run-config defaults and validation."""
+
+import tomllib
+
+import pytest
+
+from hosfl_flower.config import DEFAULTS, ConfigError, parse_run_config_overrides, resolve_run_config
+
+from .conftest import ROOT, run_simulation_cli
+
+
+def _flatten(table, prefix=""):
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_pyproject_holds_every_key_with_its_default():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert _flatten(pyproject["tool"]["flwr"]["app"]["config"]) == DEFAULTS
+
+
+BAD_VALUES = [
+    ("zo.num-perturbations", -1, "must be an integer >= 0"),
+    ("zo.num-perturbations", 2.5, "must be an integer"),
+    ("zo.mu", 0.0, "must be a number > 0"),
+    ("client.optimizer", "lion", "must be one of sgd, adamw"),
+    ("strategy", "fedsgd", "must be one of"),
+    ("partitioner", "shards", "must be one of iid, dirichlet"),
+    ("num-server-rounds", 0, "must be an integer >= 1"),
+    ("cut-layer", 7, "within the cnn's blocks 1..4"),
+    ("test-fraction", 1.5, "must be a number > 0 and <= 0.9"),
+    ("final-sync", "yes", "must be true or false"),
+    ("server.lr", "fast", "must be a number"),
+    ("no-such-key", 1, "unknown key"),
+]
+
+
+@pytest.mark.parametrize("key,value,message", BAD_VALUES)
+def test_bad_values_name_the_key(key, value, message):
+    with pytest.raises(ConfigError) as error:
+        resolve_run_config({key: value})
+    text = str(error.value)
+    assert key in text and message in text and "\n" not in text
+
+
+def test_overrides_parse_like_flwr_run():
+    assert parse_run_config_overrides("num-server-rounds=3 client.optimizer='adamw' zo.mu=1e-4") == {
+        "num-server-rounds": 3,
+        "client.optimizer": "adamw",
+        "zo.mu": 1e-4,
+    }
+    assert resolve_run_config({"server.lr": 1})["server.lr"] == 1.0
+
+
+def test_flower_simulation_stops_on_a_bad_value_with_one_line():
+    process = run_simulation_cli(["--app", "hosfl_flower.app", "--run-config", "zo.num-perturbations=-1"], timeout=120)
+    assert process.returncode == 2
+    lines = process.stderr.strip().splitlines()
+    assert len(lines) == 1 and "zo.num-perturbations=-1" in lines[0] and ">= 0" in lines[0]
