@@ -40,12 +40,12 @@ def run_simulation_cli(args: list[str], timeout: float = 600) -> subprocess.Comp
 
 @pytest.fixture
 def simulate(tmp_path):
-    """Run ``flower-simulation --app hosfl_flower.app`` with run-config overrides; return (process, results dir)."""
+    """Run ``flower-simulation --app APP`` with run-config overrides; return (process, results dir)."""
 
-    def _run(overrides: str, num_supernodes: int = 10):
+    def _run(overrides: str, num_supernodes: int = 10, app: str = "hosfl_flower.app"):
         results = tmp_path / "results"
         process = run_simulation_cli(
-            ["--app", "hosfl_flower.app", "--num-supernodes", str(num_supernodes),
+            ["--app", app, "--num-supernodes", str(num_supernodes),
              "--run-config", f"{overrides} results-dir='{results}'"]
         )
         assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]

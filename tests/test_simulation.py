@@ -58,8 +58,8 @@ def test_ray_placement_and_adamw_client_match_the_reference(simulate):
     assert summary["final"]["final-sync-mismatches"] == 0 and summary["final"]["final-sync-nodes"] == 5
 
 
-def test_frozen_client_moves_only_the_server(simulate):
-    _, results = simulate("num-server-rounds=4 zo.num-perturbations=0 eval-every=4", num_supernodes=4)
+def test_frozen_client_moves_only_the_server_via_the_app_directory(simulate):
+    _, results = simulate("num-server-rounds=4 zo.num-perturbations=0 eval-every=4", num_supernodes=4, app=".")
     final, rows, summary = _load(results)
     reference = _assert_equal_to_reference(final, rows, 4)
     assert len(reference.ledger) == 0 and all(r["round-trips"] == 1 for r in rows)
