@@ -26,11 +26,14 @@ RECORD_CATEGORIES: dict[tuple[str, str], str] = {
     ("down", "arrays"): "model_down",
     ("up", "client-state"): "model_up",
     ("down", "client-state"): "model_down",
+    ("up", "aux-head"): "model_up",
+    ("down", "aux-head"): "model_down",
     ("up", "scalars"): "scalars_up",
     ("down", "ledger"): "seeds_and_ledger_down",
     ("down", "seeds"): "seeds_and_ledger_down",
 }
-"""``(direction, record name) -> category``; every other record counts as ``other``."""
+"""``(direction, record name) -> category`` (the name up to its first ``.``, so ``smashed.3`` counts as
+``smashed``); every other record counts as ``other``."""
 
 
 def message_bytes(message: Message) -> int:
@@ -56,7 +59,8 @@ class RoundAccount:
             return
         self.messages += 1
         for name, record in message.content.items():
-            self.bytes[RECORD_CATEGORIES.get((direction, name), "other")] += record.count_bytes()
+            category = RECORD_CATEGORIES.get((direction, name.split(".", 1)[0]), "other")
+            self.bytes[category] += record.count_bytes()
 
     @property
     def total_bytes(self) -> int:

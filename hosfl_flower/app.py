@@ -13,11 +13,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from .client_app import build_client_app
 from .config import resolve_run_config
-from .strategies import STRATEGY_CLASSES, SplitStrategy
+from .strategies import STRATEGY_CLASSES, FedAvgBaseline, SplitStrategy
 from .task import server_model_and_test
 
 
-def build_strategy(run_config: Mapping[str, Any]) -> SplitStrategy:
+def build_strategy(run_config: Mapping[str, Any]) -> SplitStrategy | FedAvgBaseline:
     """The strategy named by ``strategy``, with the model and test data the run config describes."""
     config = resolve_run_config(run_config)
     model, test = server_model_and_test(config)

@@ -22,12 +22,26 @@ from .data import Examples, sample_batch
 from .evaluation import evaluate_model
 from .models import SplitModel
 from .records import record_to_tensors, tensors_to_record
-from .zo import ClientOptimizer, LedgerEntry, fingerprint, hybrid_probe_scalars, make_client_optimizer, replay
+from .zo import (
+    SGD,
+    ClientOptimizer,
+    LedgerEntry,
+    apply_entry,
+    fingerprint,
+    hybrid_probe_scalars,
+    make_client_optimizer,
+    mix_seed,
+    perturb_,
+    replay,
+    trainable_parameters,
+)
 
 STATE_WEIGHTS = "hosfl.client-weights"
 STATE_OPTIMIZER = "hosfl.client-optimizer"
 STATE_SYNC = "hosfl.sync"
 STATE_PROBE = "hosfl.probe"
+STATE_SPLITFED = "hosfl.splitfed-weights"
+STATE_SPLITFED_BATCH = "hosfl.splitfed-batch"
 OPTIMIZER_PREFIX = "optimizer."
 
 
@@ -67,6 +81,7 @@ class SmashResult:
     fingerprint: str
     applied_round: int
     seconds: float
+    perturbed: list[torch.Tensor] | None = None
 
     @property
     def num_examples(self) -> int:
@@ -191,6 +206,33 @@ class HOSFLClient(NumPyClient):
         del self.state[STATE_PROBE + ".round"]
         return scalars, time.perf_counter() - start
 
+    @torch.no_grad()
+    def zo_smash(
+        self,
+        server_round: int,
+        seeds: Sequence[int],
+        mu: float,
+        entries: Sequence[LedgerEntry],
+        from_round: int,
+        replacement: Mapping[str, torch.Tensor] | None = None,
+        replacement_round: int = 0,
+    ) -> SmashResult:
+        """ZO-SFL: catch up, then ``z`` at ``θ_c`` and ``z̃_p`` at ``θ_c + μ u_p`` for each seed."""
+        start = time.perf_counter()
+        _, applied = self.catch_up(entries, from_round, replacement, replacement_round)
+        batch = sample_batch(self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round)
+        smashed = self.model.smash(batch.inputs)
+        fp = fingerprint(self.model.client_parameters())
+        params = self.model.client_parameters()
+        perturbed = []
+        for seed in seeds:
+            perturb_(params, seed, mu)
+            try:
+                perturbed.append(self.model.smash(batch.inputs)["z"])
+            finally:
+                perturb_(params, seed, -mu)
+        return SmashResult(smashed, batch.labels, fp, applied, time.perf_counter() - start, perturbed)
+
     def sync(
         self,
         entries: Sequence[LedgerEntry],
@@ -201,6 +243,91 @@ class HOSFLClient(NumPyClient):
         """Catch up without training; return the fingerprint of ``θ_c`` and the applied round."""
         _, applied = self.catch_up(entries, from_round, replacement, replacement_round)
         return fingerprint(self.model.client_parameters()), applied
+
+    # ----------------------------------------------------------------- SplitFed (first-order client)
+    def _load_splitfed_weights(self, weights: Mapping[str, torch.Tensor] | None) -> None:
+        if weights is None:
+            saved = self.state.array_records.get(STATE_SPLITFED)
+            if saved is None:
+                raise OutOfSyncError("no client segment received for this round")
+            weights = record_to_tensors(saved)
+        self.model.load_client_state(weights)
+
+    @torch.no_grad()
+    def splitfed_smash(
+        self, server_round: int, step: int, weights: Mapping[str, torch.Tensor] | None = None
+    ) -> SmashResult:
+        """SplitFed step ``step``: adopt the round's ``θ_c`` if sent, draw a batch, return ``z``."""
+        start = time.perf_counter()
+        self._load_splitfed_weights(weights)
+        if weights is not None:
+            self.state[STATE_SPLITFED] = tensors_to_record(self.model.client_state())
+        batch = sample_batch(
+            self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round, step
+        )
+        smashed = self.model.smash(batch.inputs)
+        self.state[STATE_SPLITFED_BATCH] = tensors_to_record({f"input.{k}": v for k, v in batch.inputs.items()})
+        self.state[STATE_SPLITFED_BATCH + ".step"] = ConfigRecord({"round": int(server_round), "step": int(step)})
+        return SmashResult(smashed, batch.labels, "", 0, time.perf_counter() - start)
+
+    def splitfed_backward(
+        self, server_round: int, step: int, activation_grad: torch.Tensor, lr: float
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """Backpropagate ``λ`` through the client segment (``z.backward(λ)``) and take an SGD step.
+
+        The forward pass is recomputed from the kept inputs, so no graph survives between messages.
+        Returns the updated client segment and compute seconds.
+        """
+        start = time.perf_counter()
+        tag = self.state.config_records.get(STATE_SPLITFED_BATCH + ".step")
+        if tag is None or (int(tag["round"]), int(tag["step"])) != (server_round, step):
+            raise OutOfSyncError(f"activation gradient for round {server_round} step {step} without its batch")
+        self._load_splitfed_weights(None)
+        inputs = {k[len("input."):]: v for k, v in record_to_tensors(self.state[STATE_SPLITFED_BATCH]).items()}
+        client_step(self.model, inputs, activation_grad, lr)
+        weights = {k: v.clone() for k, v in self.model.client_state().items()}
+        self.state[STATE_SPLITFED] = tensors_to_record(weights)
+        return weights, time.perf_counter() - start
+
+    # ----------------------------------------------------------------- HERON-SFL
+    def heron_train(
+        self,
+        server_round: int,
+        client_weights: Mapping[str, torch.Tensor],
+        head: torch.nn.Module,
+        steps: int,
+        upload_every: int,
+        mu: float,
+        lr: float,
+    ) -> tuple[list[tuple[int, dict[str, torch.Tensor], torch.Tensor]], float]:
+        """``steps`` two-point zeroth-order steps on the auxiliary loss ``ℓ(h_a(f_c(x)), y)``.
+
+        Directions are seeded from ``(seed, partition, round, step)``. Every ``upload_every`` steps the
+        unperturbed pass's ``(z, y)`` is kept for the server. Returns ``[(step, smashed, labels)]``
+        and compute seconds; ``self.model.client`` and ``head`` hold the trained weights.
+        """
+        start = time.perf_counter()
+        self.model.load_client_state(client_weights)
+        params = self.model.client_parameters() + trainable_parameters(head)
+        optimizer = SGD()
+        kept = []
+        with torch.no_grad():
+            for step in range(steps):
+                batch = sample_batch(
+                    self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round, step
+                )
+                smashed = self.model.smash(batch.inputs)
+                loss0 = float(self.model.loss(head(smashed["z"]), batch.labels))
+                if (step + 1) % upload_every == 0:
+                    kept.append((step, smashed, batch.labels))
+                seed = mix_seed(self.settings.seed, self.settings.partition_id, server_round, step, 0x4E50)
+                perturb_(params, seed, mu)
+                try:
+                    loss1 = float(self.model.loss(head(self.model.smash(batch.inputs)["z"]), batch.labels))
+                finally:
+                    perturb_(params, seed, -mu)
+                apply_entry(params, optimizer, LedgerEntry(step, (seed,), (loss1 - loss0,), lr, mu))
+        return kept, time.perf_counter() - start
 
     # ----------------------------------------------------------------- NumPyClient (whole model)
     def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:
@@ -237,3 +364,19 @@ class HOSFLClient(NumPyClient):
         self.set_parameters(parameters)
         loss, accuracy = evaluate_model(self.model, self.train, self.settings.eval_batch_size)
         return loss, len(self.train), {"accuracy": accuracy}
+
+
+def client_step(model: SplitModel, inputs: Mapping[str, torch.Tensor], activation_grad: torch.Tensor, lr: float) -> None:
+    """One first-order client step of split learning: recompute ``z``, ``z.backward(λ)``, SGD at ``lr``."""
+    model.client.train()
+    params = model.client_parameters()
+    for param in params:
+        param.grad = None
+    z = model.smash(inputs)["z"]
+    z.backward(activation_grad)
+    with torch.no_grad():
+        for param in params:
+            if param.grad is not None:
+                param.add_(param.grad, alpha=-lr)
+                param.grad = None
+    model.client.eval()

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .client import HOSFLClient, ClientSettings
+from .client import ClientSettings, HOSFLClient, SmashResult
 from .config import resolve_run_config
+from .models.aux_head import build_aux_head
 from .records import record_to_ledger, record_to_tensors, tensors_to_record
 from .task import client_task
 
@@ -50,6 +52,20 @@ def _catch_up_args(content: RecordDict) -> dict[str, Any]:
     }
 
 
+def _smash_content(result: SmashResult, smashed: Mapping[str, torch.Tensor]) -> RecordDict:
+    meta = ConfigRecord(
+        {
+            "num-examples": result.num_examples,
+            "fingerprint": result.fingerprint,
+            "applied-round": result.applied_round,
+            "compute-seconds": result.seconds,
+        }
+    )
+    return RecordDict(
+        {"smashed": tensors_to_record(smashed), "labels": tensors_to_record({"y": result.labels}), "meta": meta}
+    )
+
+
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     """A ``ClientApp`` serving every protocol message; ``overrides`` are run-config values that win."""
     app = ClientApp()
@@ -66,18 +82,7 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         client = make_client(context, overrides)
         server_round = int(msg.content.config_records["config"]["server-round"])
         result = client.smash(server_round, **_catch_up_args(msg.content))
-        meta = ConfigRecord(
-            {
-                "num-examples": result.num_examples,
-                "fingerprint": result.fingerprint,
-                "applied-round": result.applied_round,
-                "compute-seconds": result.seconds,
-            }
-        )
-        content = RecordDict(
-            {"smashed": tensors_to_record(result.smashed), "labels": tensors_to_record({"y": result.labels}), "meta": meta}
-        )
-        return Message(content, reply_to=msg)
+        return Message(_smash_content(result, result.smashed), reply_to=msg)
 
     @app.train("probe")
     def probe(msg: Message, context: Context) -> Message:
@@ -90,6 +95,70 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             {"scalars": MetricRecord({"values": scalars}), "meta": MetricRecord({"compute-seconds": seconds})}
         )
         return Message(content, reply_to=msg)
+
+    @app.train("zo_smash")
+    def zo_smash(msg: Message, context: Context) -> Message:
+        client = make_client(context, overrides)
+        seeds = msg.content.config_records["seeds"]
+        server_round = int(msg.content.config_records["config"]["server-round"])
+        result = client.zo_smash(
+            server_round, [int(s) for s in seeds["seeds"]], float(seeds["mu"]), **_catch_up_args(msg.content)
+        )
+        smashed = {**result.smashed, **{f"z~{p}": z for p, z in enumerate(result.perturbed or [])}}
+        return Message(_smash_content(result, smashed), reply_to=msg)
+
+    @app.train("splitfed_smash")
+    def splitfed_smash(msg: Message, context: Context) -> Message:
+        client = make_client(context, overrides)
+        server_round = int(msg.content.config_records["config"]["server-round"])
+        weights = msg.content.array_records.get("arrays")
+        result = client.splitfed_smash(
+            server_round,
+            int(msg.content.config_records["step"]["step"]),
+            record_to_tensors(weights) if weights is not None else None,
+        )
+        return Message(_smash_content(result, result.smashed), reply_to=msg)
+
+    @app.train("splitfed_grad")
+    def splitfed_grad(msg: Message, context: Context) -> Message:
+        client = make_client(context, overrides)
+        step = msg.content.config_records["step"]
+        server_round = int(msg.content.config_records["config"]["server-round"])
+        lam = record_to_tensors(msg.content.array_records["activation-grad"])["z"]
+        weights, seconds = client.splitfed_backward(server_round, int(step["step"]), lam, float(step["lr"]))
+        records: dict[str, Any] = {"meta": MetricRecord({"compute-seconds": seconds})}
+        if bool(step["last"]):
+            records["arrays"] = tensors_to_record(weights)
+        return Message(RecordDict(records), reply_to=msg)
+
+    @app.train("heron")
+    def heron(msg: Message, context: Context) -> Message:
+        client = make_client(context, overrides)
+        settings = msg.content.config_records["heron"]
+        server_round = int(msg.content.config_records["config"]["server-round"])
+        client_weights = record_to_tensors(msg.content.array_records["arrays"])
+        head_weights = record_to_tensors(msg.content.array_records["aux-head"])
+        client.model.load_client_state(client_weights)
+        probe = client.train.take(torch.arange(1)).inputs
+        with torch.no_grad():
+            z = client.model.smash(probe)["z"]
+        head = build_aux_head(str(settings["head"]), z, client.model.num_classes, client.settings.seed)
+        head.load_state_dict(head_weights)
+        kept, seconds = client.heron_train(
+            server_round, client_weights, head, int(settings["local-steps"]), int(settings["upload-every"]),
+            float(settings["mu"]), float(settings["lr"]),
+        )
+        records: dict[str, Any] = {
+            "arrays": tensors_to_record(client.model.client_state()),
+            "aux-head": tensors_to_record(head.state_dict()),
+            "meta": ConfigRecord(
+                {"steps": [step for step, _, _ in kept], "num-examples": len(client.train), "compute-seconds": seconds}
+            ),
+        }
+        for index, (_, smashed, labels) in enumerate(kept):
+            records[f"smashed.{index}"] = tensors_to_record(smashed)
+            records[f"labels.{index}"] = tensors_to_record({"y": labels})
+        return Message(RecordDict(records), reply_to=msg)
 
     @app.query("sync")
     def sync(msg: Message, context: Context) -> Message:

@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-STRATEGIES = ("hosfl",)
-MODELS = ("cnn",)
+STRATEGIES = ("hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg")
+MODELS = ("cnn", "resnet")
+AUX_HEADS = ("linear", "mlp")
 DATASETS = ("digits",)
 PARTITIONERS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adamw")
@@ -108,6 +109,13 @@ OPTIONS: dict[str, Option] = {
     "server.lr": Option(3e-3, "server learning rate", minimum=0.0),
     "server.momentum": Option(0.9, "server SGD momentum", minimum=0.0, maximum=1.0),
     "server.weight-decay": Option(0.0, "server weight decay", minimum=0.0),
+    "local-steps": Option(1, "E: first-order local steps per round (splitfed-v1/v2, fedavg)", minimum=1),
+    "fo.lr": Option(0.05, "learning rate of first-order client steps (splitfed client segment, fedavg whole model)", minimum=0.0),
+    "zo-sfl.lr": Option(0.01, "learning rate of zo-sfl's zeroth-order steps on both segments", minimum=0.0),
+    "heron.local-steps": Option(4, "h: zeroth-order local steps per round on the auxiliary loss", minimum=1),
+    "heron.upload-every": Option(2, "k: upload a smashed batch every k local steps", minimum=1),
+    "heron.lr": Option(0.01, "learning rate of heron-sfl's client steps", minimum=0.0),
+    "heron.head": Option("linear", "auxiliary head on the client: linear or mlp", choices=AUX_HEADS),
     "split-server.placement": Option("local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS),
     "round-timeout": Option(600.0, "seconds to wait for replies in one exchange", minimum=0.0, exclusive_minimum=True),
     "final-sync": Option(True, "after the last round, bring every node up to date and check its fingerprint"),
@@ -135,8 +143,12 @@ def resolve_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_cross_keys(config: Mapping[str, Any]) -> None:
-    if config["model"] == "cnn" and not 1 <= config["cut-layer"] <= 4:
-        raise ConfigError("cut-layer", config["cut-layer"], "must be within the cnn's blocks 1..4")
+    if config["model"] in ("cnn", "resnet") and not 1 <= config["cut-layer"] <= 4:
+        raise ConfigError("cut-layer", config["cut-layer"], f"must be within the {config['model']}'s blocks 1..4")
+    if config["heron.upload-every"] > config["heron.local-steps"]:
+        raise ConfigError(
+            "heron.upload-every", config["heron.upload-every"], f"must be <= heron.local-steps ({config['heron.local-steps']})"
+        )
     if config["min-nodes"] and config["min-nodes"] < config["clients-per-round"]:
         raise ConfigError("min-nodes", config["min-nodes"], f"must be 0 or >= clients-per-round ({config['clients-per-round']})")
 

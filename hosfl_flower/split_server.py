@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .models import Smashed, SplitModel
+from .models import SplitModel
+from .zo import LedgerEntry, SGD, apply_entry, perturb_
 
 
 def make_server_optimizer(
@@ -51,6 +53,7 @@ class SplitServer:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.model = model
+        self.settings = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         self.optimizer = make_server_optimizer(optimizer, model.server_parameters(), lr, momentum, weight_decay)
 
     def step(
@@ -76,6 +79,44 @@ class SplitServer:
         grads = [z.grad if z.grad is not None else torch.zeros_like(z) for z in leaves]
         return StepResult(float(total.detach()), grads, time.perf_counter() - start)
 
+    @torch.no_grad()
+    def zo_step(
+        self,
+        batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+        perturbed: Sequence[Sequence[torch.Tensor]],
+        weights: Sequence[float],
+        seeds: Sequence[int],
+        mu: float,
+        lr: float,
+        first_index: int,
+    ) -> tuple[float, tuple[float, ...], float]:
+        """ZO-SFL's server step: two-point loss differences along the shared directions.
+
+        For direction ``p`` the server perturbs ``θ_s`` by ``μ u_p`` (parameter indices continue after
+        the client's ``first_index`` ones, so ``u_p`` is one direction over both segments) and
+        compares ``ℓ(f_s(z̃_p; θ_s + μ u_p))`` with ``ℓ(f_s(z; θ_s))``. Returns the weighted loss, the
+        aggregated differences ``v̄_p = Σ_n w_n (L1 − L0)`` and compute seconds; ``θ_s`` takes the SGD
+        step ``−lr/(P μ) Σ_p v̄_p u_p`` that the clients take on ``θ_c``.
+        """
+        start = time.perf_counter()
+        params = self.model.server_parameters()
+        anchors = [float(self.model.loss(self.model.head(smashed), labels)) for smashed, labels in batches]
+        scalars = []
+        for p, seed in enumerate(seeds):
+            perturb_(params, seed, mu, first_index=first_index)
+            try:
+                diffs = [
+                    weight * (float(self.model.loss(self.model.head({**smashed, "z": tilde[p]}), labels)) - anchor)
+                    for (smashed, labels), tilde, weight, anchor in zip(batches, perturbed, weights, anchors)
+                ]
+            finally:
+                perturb_(params, seed, -mu, first_index=first_index)
+            scalars.append(sum(diffs))
+        entry = LedgerEntry(0, tuple(seeds), tuple(scalars), lr, mu)
+        apply_entry(params, SGD(), entry, first_index=first_index)
+        loss = sum(w * a for w, a in zip(weights, anchors))
+        return loss, tuple(scalars), time.perf_counter() - start
+
     def server_weights(self) -> dict[str, torch.Tensor]:
         """The server segment's state dict (weights and buffers)."""
         return {k: v.detach().clone() for k, v in self.model.server.state_dict().items()}
@@ -83,6 +124,47 @@ class SplitServer:
     def optimizer_state(self) -> dict:
         """The server optimizer's state dict."""
         return self.optimizer.state_dict()
+
+    def state(self) -> dict:
+        """Weights and optimizer state together (what a copy or a checkpoint needs)."""
+        return {"weights": self.server_weights(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+
+    def load_state(self, state: Mapping) -> None:
+        """Restore :meth:`state`."""
+        self.model.server.load_state_dict(state["weights"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+
+    def copies(self, count: int) -> list["SplitServer"]:
+        """``count`` independent copies of ``θ_s`` and its optimizer (SplitFed V1's per-client servers)."""
+        state = self.state()
+        result = []
+        for _ in range(count):
+            twin = SplitServer(copy.deepcopy(self.model), **self.settings)
+            twin.load_state(state)
+            result.append(twin)
+        return result
+
+
+def average_states(states: Sequence[Mapping], weights: Sequence[float]) -> dict:
+    """Weighted average of :meth:`SplitServer.state` dicts: weights and floating optimizer state
+    (moments) are averaged; step counts and hyper-parameters come from the first."""
+    total = float(sum(weights))
+    shares = [w / total for w in weights]
+
+    def mix(values: Sequence):
+        first = values[0]
+        if isinstance(first, torch.Tensor) and first.is_floating_point():
+            out = first * shares[0]
+            for value, share in zip(values[1:], shares[1:]):
+                out = out + value * share
+            return out
+        if isinstance(first, Mapping):
+            return {k: copy.deepcopy(first[k]) if k == "step" else mix([v[k] for v in values]) for k in first}
+        if isinstance(first, list):
+            return [mix([v[i] for v in values]) for i in range(len(first))]
+        return copy.deepcopy(first)
+
+    return mix(list(states))
 
 
 class RaySplitServer:
@@ -107,10 +189,14 @@ class RaySplitServer:
         actor_class = ray.remote(num_cpus=0)(SplitServer)
         self._ray = ray
         optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())
+        self._template, self._kwargs = model, dict(optimizer_kwargs)
         self._actor = actor_class.remote(model, **optimizer_kwargs)
 
     def step(self, batches, weights) -> StepResult:
         return self._ray.get(self._actor.step.remote(list(batches), list(weights)))
+
+    def zo_step(self, *args, **kwargs):
+        return self._ray.get(self._actor.zo_step.remote(*args, **kwargs))
 
     def server_weights(self) -> dict[str, torch.Tensor]:
         return self._ray.get(self._actor.server_weights.remote())
@@ -118,9 +204,40 @@ class RaySplitServer:
     def optimizer_state(self) -> dict:
         return self._ray.get(self._actor.optimizer_state.remote())
 
+    def state(self) -> dict:
+        return self._ray.get(self._actor.state.remote())
+
+    def load_state(self, state: Mapping) -> None:
+        self._ray.get(self._actor.load_state.remote(state))
+
+    def copies(self, count: int) -> list["RaySplitServer"]:
+        """``count`` copies, each its own Ray actor, so SplitFed V1 steps them in parallel."""
+        state = self.state()
+        result = []
+        for _ in range(count):
+            twin = RaySplitServer(self._template, **self._kwargs)
+            twin.load_state(state)
+            result.append(twin)
+        return result
+
+    def step_async(self, batches, weights):
+        """Start :meth:`step` and return a Ray object reference."""
+        return self._actor.step.remote(list(batches), list(weights))
+
     def close(self) -> None:
         """Stop the actor."""
         self._ray.kill(self._actor)
+
+
+def step_each(
+    servers: Sequence[SplitServer | RaySplitServer],
+    batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+) -> list[StepResult]:
+    """Step server ``i`` on batch ``i`` (weight 1): in parallel when they are Ray actors."""
+    if servers and all(isinstance(s, RaySplitServer) for s in servers):
+        refs = [server.step_async([batch], [1.0]) for server, batch in zip(servers, batches)]
+        return servers[0]._ray.get(refs)
+    return [server.step([batch], [1.0]) for server, batch in zip(servers, batches)]
 
 
 def build_split_server(model: SplitModel, placement: str, **optimizer_kwargs) -> SplitServer | RaySplitServer:

@@ -17,7 +17,7 @@ def test_split_forward_equals_unsplit_and_every_cut_is_valid():
         assert torch.equal(model({"x": x}), full(x))
         assert len(model.client) == cut
     for bad in (0, 5):
-        with pytest.raises(ValueError, match=f"cut-layer {bad}"):
+        with pytest.raises(ValueError, match=f"cut-layer {bad} is outside"):
             SplitCNN(cut_layer=bad)
 
 

@@ -8,9 +8,12 @@ import torch
 
 from .base import Inputs, Smashed, SplitModel
 from .cnn import SplitCNN
+from .resnet import SplitResNet
+from .sequential import BlockSplitModel
 
 MODEL_BUILDERS: dict[str, Callable[..., SplitModel]] = {
     "cnn": lambda cut_layer, num_classes: SplitCNN(cut_layer=cut_layer, num_classes=num_classes),
+    "resnet": lambda cut_layer, num_classes: SplitResNet(cut_layer=cut_layer, num_classes=num_classes),
 }
 """Named model constructors: ``builder(cut_layer=..., num_classes=...) -> SplitModel``."""
 
@@ -25,4 +28,6 @@ def build_split_model(name: str, cut_layer: int, num_classes: int, seed: int) ->
     return model.eval()
 
 
-__all__ = ["Inputs", "MODEL_BUILDERS", "Smashed", "SplitCNN", "SplitModel", "build_split_model"]
+__all__ = [
+    "BlockSplitModel", "Inputs", "MODEL_BUILDERS", "Smashed", "SplitCNN", "SplitModel", "SplitResNet", "build_split_model",
+]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
-import torch
 from torch import nn
 
-from .base import Inputs, Smashed, SplitModel
+from .sequential import BlockSplitModel
 
 
 def digits_cnn_blocks(num_classes: int = 10, width: int = 8) -> list[nn.Module]:
@@ -21,23 +18,10 @@ def digits_cnn_blocks(num_classes: int = 10, width: int = 8) -> list[nn.Module]:
     ]
 
 
-class SplitCNN(SplitModel):
-    """CNN for ``1×8×8`` images; input key ``"x"``; cut layer in ``1..num_blocks-1``."""
+class SplitCNN(BlockSplitModel):
+    """CNN for ``1×8×8`` images (5 blocks; cut layer in ``1..4``)."""
 
     num_blocks = 5
 
-    def __init__(self, cut_layer: int = 1, num_classes: int = 10, width: int = 8) -> None:
-        super().__init__()
-        if not 1 <= cut_layer < self.num_blocks:
-            raise ValueError(f"cut-layer {cut_layer} is outside the CNN's 1..{self.num_blocks - 1}")
-        blocks = digits_cnn_blocks(num_classes, width)
-        self.cut_layer = cut_layer
-        self.num_classes = num_classes
-        self.client = nn.Sequential(*blocks[:cut_layer])
-        self.server = nn.Sequential(*blocks[cut_layer:])
-
-    def smash(self, inputs: Inputs) -> Smashed:
-        return {"z": self.client(inputs["x"])}
-
-    def head(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return self.server(smashed["z"])
+    def __init__(self, cut_layer: int = 2, num_classes: int = 10, width: int = 8) -> None:
+        super().__init__(digits_cnn_blocks(num_classes, width), cut_layer, num_classes)

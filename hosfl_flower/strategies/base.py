@@ -7,8 +7,6 @@ A protocol subclass implements :meth:`SplitStrategy.run_round` (and Flower's ``c
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from abc import abstractmethod
 from collections import Counter
@@ -29,6 +27,7 @@ from ..config import ConfigError, resolve_run_config
 from ..data import Examples
 from ..evaluation import evaluate_model
 from ..models import SplitModel
+from ..recording import RunRecorder, numeric
 from ..records import record_to_tensors, tensors_to_record
 from ..schedule import RoundSchedule
 from ..split_server import RaySplitServer, SplitServer, build_split_server
@@ -41,6 +40,21 @@ class NodeInfo:
     node_id: int
     partition_id: int
     num_examples: int
+
+
+def error_text(reply: Message) -> str:
+    """The last line of an error reply's reason."""
+    reason = reply.error.reason.strip() if reply.error.reason else ""
+    return reason.splitlines()[-1] if reason else f"error code {reply.error.code}"
+
+
+def meta_seconds(reply: Message) -> float:
+    """The ``compute-seconds`` a client reported in its ``meta`` record (0 when absent)."""
+    for records in (reply.content.metric_records, reply.content.config_records):
+        meta = records.get("meta")
+        if meta is not None and "compute-seconds" in meta:
+            return float(meta["compute-seconds"])
+    return 0.0
 
 
 class ReplyError(Exception):
@@ -97,6 +111,7 @@ class SplitStrategy(Strategy):
         self.history: list[dict[str, Any]] = []
         self.rejections: Counter = Counter()
         self.results_dir = Path(self.cfg["results-dir"]) if self.cfg["results-dir"] else None
+        self.expected_z_shape = self._smashed_shape()
 
     # ------------------------------------------------------------------ hooks
     def sample_nodes(self, server_round: int, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:
@@ -179,7 +194,7 @@ class SplitStrategy(Strategy):
         self.train_config = train_config or ConfigRecord()
         self.summary()
         result = Result()
-        writer = _ResultsWriter(self.results_dir)
+        recorder = RunRecorder(self.name, self.results_dir, num_rounds)
         self.discover_nodes(grid)
         _ = self.split_server
         result.evaluate_metrics_serverapp[0] = MetricRecord(self._evaluate(0, evaluate_fn))
@@ -195,16 +210,13 @@ class SplitStrategy(Strategy):
                 row.update(evaluation)
                 result.evaluate_metrics_serverapp[server_round] = MetricRecord(evaluation)
             row["seconds"] = time.perf_counter() - started
-            result.train_metrics_clientapp[server_round] = MetricRecord(_numeric(row))
+            result.train_metrics_clientapp[server_round] = MetricRecord(numeric(row))
             self.history.append(row)
-            writer.append(row)
-            self._log_round(row, num_rounds)
+            recorder.record(row)
         final = self.finish(grid)
-        if final:
-            log(INFO, "[%s] final: %s", self.name, ", ".join(f"{k}={v}" for k, v in final.items()))
         self.sync_server_weights()
         result.arrays = tensors_to_record(self.model.state_dict())
-        writer.finish(self.model, self.cfg, final)
+        recorder.finish(self.model, self.cfg, final)
         return result
 
     def finish(self, grid: Grid) -> dict[str, Any]:
@@ -224,6 +236,23 @@ class SplitStrategy(Strategy):
         account.round_trips += 1
         return replies
 
+    def collect(
+        self, replies: Iterable[Message], nodes: Sequence[NodeInfo], validate: Callable[[Message, NodeInfo], Any]
+    ) -> list[Any]:
+        """Validate each node's reply in ``nodes`` order; count and drop what is missing or fails."""
+        by_node = self.reply_by_node(replies)
+        kept = []
+        for node in nodes:
+            reply = by_node.get(node.node_id)
+            if reply is None:
+                self.reject("no-reply", node)
+                continue
+            try:
+                kept.append(validate(reply, node))
+            except ReplyError as error:
+                self.reject(error.reason, node, str(error))
+        return kept
+
     def reply_by_node(self, replies: Iterable[Message]) -> dict[int, Message]:
         """Replies keyed by the node they came from."""
         return {reply.metadata.src_node_id: reply for reply in replies}
@@ -239,6 +268,36 @@ class SplitStrategy(Strategy):
         config = ConfigRecord({**dict(self.train_config), "server-round": server_round})
         content = RecordDict({**records, "config": config})
         return Message(content, dst_node_id=node.node_id, message_type=message_type, group_id=str(server_round))
+
+    def parse_smashed(self, content: RecordDict, suffix: str = "") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Decode and check the ``smashed{suffix}`` and ``labels{suffix}`` records of a reply.
+
+        Checks dtype, shapes (against one held-out example's ``z``), finiteness and label range;
+        raises :class:`ReplyError` naming what is wrong. Extra arrays in ``smashed`` (companions,
+        perturbed activations) are returned alongside ``z``.
+        """
+        z = require_array(content, "smashed" + suffix, "z")
+        labels = require_array(content, "labels" + suffix, "y")
+        if z.dtype != torch.float32:
+            raise ReplyError("wrong-dtype", f"z is {z.dtype}")
+        if labels.dtype not in (torch.int64, torch.int32):
+            raise ReplyError("wrong-dtype", f"labels are {labels.dtype}")
+        if z.dim() == 0 or labels.dim() == 0 or z.shape[0] != labels.shape[0] or labels.shape[0] == 0:
+            raise ReplyError("wrong-shape", f"z {tuple(z.shape)} for labels {tuple(labels.shape)}")
+        if self.expected_z_shape is not None and tuple(z.shape[1:]) != self.expected_z_shape:
+            raise ReplyError("wrong-shape", f"z {tuple(z.shape[1:])}, expected {self.expected_z_shape}")
+        valid = (labels >= 0) | (labels == -100)
+        if not bool(valid.all()) or int(labels.max()) >= self.model.num_classes:
+            raise ReplyError("out-of-range", "labels")
+        require_finite(z, "z")
+        smashed = {"z": z}
+        for key in content.array_records["smashed" + suffix]:
+            if key != "z":
+                smashed[key] = require_array(content, "smashed" + suffix, key)
+                if smashed[key].shape[:1] != z.shape[:1]:
+                    raise ReplyError("wrong-shape", f"{key} {tuple(smashed[key].shape)}")
+                require_finite(smashed[key], key)
+        return smashed, labels.long()
 
     def discover_nodes(self, grid: Grid) -> None:
         """Wait for enough nodes, then ask every new node for its partition (``query.hello``)."""
@@ -266,7 +325,7 @@ class SplitStrategy(Strategy):
         ]
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             if reply.has_error():
-                self.reject("error", detail=reply.error.reason.splitlines()[-1] if reply.error.reason else "")
+                self.reject("error", detail=error_text(reply))
                 continue
             info = reply.content.config_records["node"]
             node = NodeInfo(reply.metadata.src_node_id, int(info["partition-id"]), int(info["num-examples"]))
@@ -280,6 +339,14 @@ class SplitStrategy(Strategy):
             )
         log(INFO, "[%s] %d nodes, partitions %s", self.name, len(self.nodes), sorted(n.partition_id for n in self.nodes.values()))
 
+    def _smashed_shape(self) -> tuple[int, ...] | None:
+        """Per-example shape of ``z`` (from one held-out example), for reply validation."""
+        if len(self.test) == 0:
+            return None
+        with torch.no_grad():
+            z = self.model.smash(self.test.take(torch.arange(1)).inputs)["z"]
+        return tuple(z.shape[1:])
+
     def _evaluate(self, server_round: int, evaluate_fn) -> dict[str, float]:
         metrics = self.evaluate(server_round)
         if evaluate_fn is not None:
@@ -287,52 +354,3 @@ class SplitStrategy(Strategy):
             if extra:
                 metrics.update(dict(extra))
         return metrics
-
-    def _log_round(self, row: Mapping[str, Any], num_rounds: int) -> None:
-        parts = [f"[{self.name}] round {row['round']:>{len(str(num_rounds))}}/{num_rounds}"]
-        if "accuracy" in row:
-            parts.append(f"test acc {row['accuracy']:.4f}")
-            parts.append(f"loss {row['loss']:.4f}")
-        if "train-loss" in row:
-            parts.append(f"train loss {row['train-loss']:.4f}")
-        parts.append(f"bytes {_human_bytes(row['bytes.total'])}")
-        rejected = {k.split(".", 1)[1]: v for k, v in row.items() if k.startswith("rejected.")}
-        if rejected:
-            parts.append("rejected " + ", ".join(f"{k}={v}" for k, v in rejected.items()))
-        log(INFO, " | ".join(parts))
-
-
-class _ResultsWriter:
-    """Per-round JSON lines, plus the final model and a summary, under ``results-dir``."""
-
-    def __init__(self, directory: Path | None) -> None:
-        self.directory = directory
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "rounds.jsonl").write_text("")
-
-    def append(self, row: Mapping[str, Any]) -> None:
-        if self.directory is not None:
-            with open(self.directory / "rounds.jsonl", "a") as handle:
-                handle.write(json.dumps(row) + "\n")
-
-    def finish(self, model: SplitModel, config: Mapping[str, Any], final: Mapping[str, Any]) -> None:
-        if self.directory is None:
-            return
-        torch.save(
-            {"client": model.client.state_dict(), "server": model.server.state_dict(), "config": dict(config)},
-            self.directory / "final-model.pt",
-        )
-        (self.directory / "summary.json").write_text(json.dumps({"config": dict(config), "final": dict(final)}, indent=2))
-
-
-def _numeric(row: Mapping[str, Any]) -> dict[str, float | int]:
-    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if count < 1000 or unit == "GB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1000
-    return f"{count:.1f} GB"

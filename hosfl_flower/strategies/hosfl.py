@@ -17,10 +17,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from ..accounting import RoundAccount
+from ..config import resolve_run_config
 from ..client import OPTIMIZER_PREFIX
 from ..records import ledger_to_record, tensors_to_record
 from ..zo import Ledger, LedgerEntry, aggregate_scalars, apply_entry, fingerprint, make_client_optimizer
-from .base import NodeInfo, ReplyError, SplitStrategy, require_array, require_finite
+from .base import NodeInfo, ReplyError, SplitStrategy, error_text, meta_seconds
 
 
 @dataclass
@@ -31,6 +32,7 @@ class SmashedReply:
     smashed: dict[str, torch.Tensor]
     labels: torch.Tensor
     client_seconds: float
+    perturbed: list[torch.Tensor] | None = None
 
     @property
     def num_examples(self) -> int:
@@ -48,7 +50,6 @@ class HOSFLStrategy(SplitStrategy):
         self.client_optimizer = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
         self.node_applied: dict[int, int] = {}
         self.needs_weights: set[int] = set()
-        self._expected_z = self._smashed_shapes()
         self._round: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ catch-up
@@ -96,7 +97,7 @@ class HOSFLStrategy(SplitStrategy):
     def validate_smash(self, reply: Message, node: NodeInfo) -> SmashedReply:
         """Check a smash reply before it touches any state; raise :class:`ReplyError`."""
         if reply.has_error():
-            raise ReplyError("error", reply.error.reason.strip().splitlines()[-1] if reply.error.reason else "")
+            raise ReplyError("error", error_text(reply))
         meta = reply.content.config_records.get("meta")
         if meta is None or "fingerprint" not in meta or "applied-round" not in meta:
             raise ReplyError("malformed", "missing meta")
@@ -105,26 +106,10 @@ class HOSFLStrategy(SplitStrategy):
             raise ReplyError("fingerprint-mismatch", f"node at round {meta['applied-round']}")
         self.node_applied[node.node_id] = self.ledger.last_round
         self.needs_weights.discard(node.node_id)
-        z = require_array(reply.content, "smashed", "z")
-        labels = require_array(reply.content, "labels", "y")
-        if z.dtype != torch.float32:
-            raise ReplyError("wrong-dtype", f"z is {z.dtype}")
-        if labels.dtype not in (torch.int64, torch.int32) or labels.dim() != 1:
-            raise ReplyError("wrong-dtype", f"labels are {labels.dtype} with shape {tuple(labels.shape)}")
-        if z.dim() == 0 or z.shape[0] != labels.shape[0] or labels.shape[0] == 0:
-            raise ReplyError("wrong-shape", f"z {tuple(z.shape)} for {labels.shape[0]} labels")
-        if self._expected_z is not None and tuple(z.shape[1:]) != self._expected_z:
-            raise ReplyError("wrong-shape", f"z {tuple(z.shape[1:])}, expected {self._expected_z}")
+        smashed, labels = self.parse_smashed(reply.content)
         if int(meta.get("num-examples", -1)) != labels.shape[0]:
             raise ReplyError("wrong-count", "num-examples disagrees with the labels")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.model.num_classes:
-            raise ReplyError("out-of-range", "labels")
-        require_finite(z, "z")
-        smashed = {"z": z}
-        for key in reply.content.array_records["smashed"]:
-            if key != "z":
-                smashed[key] = require_array(reply.content, "smashed", key)
-        return SmashedReply(node, smashed, labels.long(), float(meta.get("compute-seconds", 0.0)))
+        return SmashedReply(node, smashed, labels, float(meta.get("compute-seconds", 0.0)))
 
     # ------------------------------------------------------------------ exchange 2: probe
     def configure_probe(self, server_round: int, kept: Sequence[SmashedReply], grads: Sequence[torch.Tensor]) -> list[Message]:
@@ -138,7 +123,7 @@ class HOSFLStrategy(SplitStrategy):
     def validate_probe(self, reply: Message) -> list[float]:
         """Check a probe reply: exactly ``P`` finite scalars of sane size."""
         if reply.has_error():
-            raise ReplyError("error", reply.error.reason.strip().splitlines()[-1] if reply.error.reason else "")
+            raise ReplyError("error", error_text(reply))
         scalars = reply.content.metric_records.get("scalars")
         if scalars is None or "values" not in scalars:
             raise ReplyError("malformed", "missing scalars")
@@ -154,21 +139,15 @@ class HOSFLStrategy(SplitStrategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate the probe replies into ``v̄``, append it to the ledger and update the replica of ``θ_c``."""
-        by_node = self.reply_by_node(replies)
-        kept_scalars, kept_examples, seconds = [], 0, 0.0
-        for smashed in self._round["kept"]:
-            reply = by_node.get(smashed.node.node_id)
-            if reply is None:
-                self.reject("no-reply", smashed.node)
-                continue
-            try:
-                kept_scalars.append(self.validate_probe(reply))
-            except ReplyError as error:
-                self.reject(error.reason, smashed.node, str(error))
-                continue
-            kept_examples += smashed.num_examples
-            meta = reply.content.metric_records.get("meta")
-            seconds += float(meta["compute-seconds"]) if meta and "compute-seconds" in meta else 0.0
+        smashed_by_node = {r.node.node_id: r for r in self._round["kept"]}
+        probes = self.collect(
+            replies,
+            [r.node for r in self._round["kept"]],
+            lambda reply, node: (smashed_by_node[node.node_id], self.validate_probe(reply), reply),
+        )
+        kept_scalars = [scalars for _, scalars, _ in probes]
+        kept_examples = sum(smashed.num_examples for smashed, _, _ in probes)
+        seconds = sum(meta_seconds(reply) for _, _, reply in probes)
         metrics = {"probe-replies": len(kept_scalars), "client-seconds": seconds}
         if kept_scalars:
             total = sum(r.num_examples for r in self._round["kept"])
@@ -182,18 +161,8 @@ class HOSFLStrategy(SplitStrategy):
     # ------------------------------------------------------------------ the round
     def run_round(self, grid: Grid, server_round: int, account: RoundAccount) -> dict[str, Any]:
         """``train.smash`` → server step → ``train.probe`` → ledger update."""
-        messages = self.configure_train(server_round, None, None, grid)
-        by_node = self.reply_by_node(self.exchange(grid, messages, account))
-        kept: list[SmashedReply] = []
-        for node in self._round["nodes"]:
-            reply = by_node.get(node.node_id)
-            if reply is None:
-                self.reject("no-reply", node)
-                continue
-            try:
-                kept.append(self.validate_smash(reply, node))
-            except ReplyError as error:
-                self.reject(error.reason, node, str(error))
+        replies = self.exchange(grid, self.configure_train(server_round, None, None, grid), account)
+        kept: list[SmashedReply] = self.collect(replies, self._round["nodes"], self.validate_smash)
         self._round["kept"] = kept
         metrics: dict[str, Any] = {"sampled": len(self._round["nodes"]), "smash-replies": len(kept)}
         if not kept:
@@ -235,11 +204,12 @@ class HOSFLStrategy(SplitStrategy):
                 mismatched += 1
         return {"final-sync-nodes": synced, "final-sync-mismatches": mismatched, "ledger-entries": len(self.ledger)}
 
-    # ------------------------------------------------------------------ helpers
-    def _smashed_shapes(self) -> tuple[int, ...] | None:
-        """Per-example shape of ``z`` (from one held-out example), for reply validation."""
-        if len(self.test) == 0:
-            return None
-        with torch.no_grad():
-            z = self.model.smash(self.test.take(torch.arange(1)).inputs)["z"]
-        return tuple(z.shape[1:])
+
+class FrozenClientStrategy(HOSFLStrategy):
+    """Ablation: HO-SFL with ``P = 0``. The server trains; the client segment keeps its initial weights."""
+
+    name = "frozen-client"
+
+    def __init__(self, model, test, run_config=None, split_server=None) -> None:
+        config = {**resolve_run_config(run_config or {}), "zo.num-perturbations": 0}
+        super().__init__(model, test, config, split_server)

@@ -52,9 +52,13 @@ def direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
-    """In place: ``θ_i += scale · u_i(seed)`` for every parameter (MeZO-style, one tensor at a time)."""
-    for index, param in enumerate(params):
+def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, first_index: int = 0) -> None:
+    """In place: ``θ_i += scale · u_i(seed)`` for every parameter (MeZO-style, one tensor at a time).
+
+    ``first_index`` numbers the parameters from that index on, so two segments (client, then
+    server) can share one direction over their concatenation.
+    """
+    for index, param in enumerate(params, start=first_index):
         param.add_(direction(seed, index, param), alpha=scale)
 
 

@@ -49,14 +49,20 @@ def zo_gradient(index: int, param: torch.Tensor, seeds: Sequence[int], coefficie
 
 
 @torch.no_grad()
-def apply_entry(params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entry: LedgerEntry) -> None:
-    """Apply one ledger entry to ``params`` in place (one parameter at a time)."""
+def apply_entry(
+    params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entry: LedgerEntry, first_index: int = 0
+) -> None:
+    """Apply one ledger entry to ``params`` in place (one parameter at a time).
+
+    ``first_index`` is the direction index of ``params[0]`` (see :func:`perturb_`).
+    """
     if not entry.seeds:
         return
     coefficients = entry.coefficients()
     optimizer.begin_step()
-    for index, param in enumerate(params):
-        optimizer.step_param(index, param, zo_gradient(index, param, entry.seeds, coefficients), entry.lr)
+    for position, param in enumerate(params):
+        grad = zo_gradient(first_index + position, param, entry.seeds, coefficients)
+        optimizer.step_param(position, param, grad, entry.lr)
 
 
 def replay(params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entries: Iterable[LedgerEntry]) -> None:

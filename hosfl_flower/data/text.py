@@ -1,0 +1,191 @@
+"""Text classification tasks for transformer models: an offline sentiment task and Hugging Face datasets.
+
+The offline task (:func:`sentiment_task`) is generated deterministically from a seed: short reviews
+such as ``"frankly the plot was not very clever but the music was superb . it was"`` labelled
+negative (0) or positive (1). A clause's polarity is its adjective's, flipped by a negation
+(``not``, ``never``, ``hardly``); a review is one clause, two agreeing clauses joined by ``and``, or
+two opposite clauses joined by ``but`` where the second decides. Word counts alone cannot solve
+it: the model must bind each negation to its adjective and find the clause after ``but``. Every
+review ends with the prompt ``"it was"``, whose next word ``"bad"`` / ``"good"`` is the verbalizer.
+
+Tokenised datasets have the columns ``input_ids``, ``attention_mask`` (right-padded to a fixed
+``max_length``, so ``z`` has a fixed shape) and ``label``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from .examples import Examples
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>")
+"""Ids 0, 1, 2 of the word-level tokenizer: padding, unknown word, start of text."""
+
+SENTIMENT_LABEL_WORDS = ("bad", "good")
+"""Verbalizer words of the offline task, by label."""
+
+_OPENERS = ("honestly", "overall", "frankly", "i think", "in the end", "to me")
+_SUBJECTS = ("the movie", "the film", "the plot", "the acting", "the music", "the ending", "the story", "this show", "the cast", "the script")
+_VERBS = ("was", "is", "felt", "seemed")
+_INTENSIFIERS = ("very", "really", "quite", "so", "truly")
+_NEGATIONS = ("not", "never", "hardly")
+_ADJECTIVES = (
+    ("bad", "dull", "boring", "awful", "weak", "messy", "bland", "silly", "poor", "tedious"),
+    ("good", "great", "fun", "brilliant", "lovely", "charming", "clever", "moving", "superb", "funny"),
+)
+_PROMPT = ". it was"
+
+
+def _clause(rng: random.Random, polarity: int) -> str:
+    negated = rng.random() < 0.35
+    words = [rng.choice(_SUBJECTS), rng.choice(_VERBS)]
+    if negated:
+        words.append(rng.choice(_NEGATIONS))
+    if rng.random() < 0.4:
+        words.append(rng.choice(_INTENSIFIERS))
+    words.append(rng.choice(_ADJECTIVES[polarity ^ negated]))
+    return " ".join(words)
+
+
+def sentiment_reviews(num_examples: int, seed: int) -> Dataset:
+    """``num_examples`` generated reviews (columns ``text``, ``label``), balanced in expectation."""
+    rng = random.Random(seed)
+    texts, labels = [], []
+    for _ in range(num_examples):
+        label = rng.randrange(2)
+        form = rng.random()
+        if form < 0.4:
+            body = _clause(rng, label)
+        elif form < 0.7:
+            body = f"{_clause(rng, 1 - label)} but {_clause(rng, label)}"
+        else:
+            body = f"{_clause(rng, label)} and {_clause(rng, label)}"
+        opener = f"{rng.choice(_OPENERS)} " if rng.random() < 0.3 else ""
+        texts.append(f"{opener}{body} {_PROMPT}")
+        labels.append(label)
+    features = datasets.Features({"text": datasets.Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+def sentiment_tokenizer() -> PreTrainedTokenizerFast:
+    """The offline task's word-level tokenizer (no download): lower-cased words, ``.`` a word of its own,
+    ``<s>`` prepended, right padding with id 0. Its vocabulary (``len(tokenizer)``) is below 128."""
+    words = {word for phrase in (*_OPENERS, *_SUBJECTS, _PROMPT, "and but") for word in phrase.split()}
+    words.update(_VERBS, _INTENSIFIERS, _NEGATIONS, *_ADJECTIVES)
+    vocab = {token: index for index, token in enumerate([*SPECIAL_TOKENS, *sorted(words)])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")
+
+
+def tokenize_dataset(
+    dataset: Dataset,
+    tokenizer: PreTrainedTokenizerBase,
+    max_length: int,
+    text_column: str = "text",
+    label_column: str = "label",
+    template: str = "{text}",
+) -> Dataset:
+    """Columns ``input_ids``, ``attention_mask`` (padded or truncated to ``max_length``) and ``label``.
+
+    ``template`` formats each text (e.g. ``"{text} It was"`` for a verbalizer prompt); truncation
+    cuts the end, so ``max_length`` must leave room for the prompt.
+    """
+
+    def encode(batch: dict) -> dict:
+        texts = [template.format(text=text) for text in batch[text_column]]
+        encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "label": batch[label_column]}
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+
+@dataclass(frozen=True)
+class TextTask:
+    """A tokenised classification dataset and what a model needs to know about it."""
+
+    dataset: Dataset
+    tokenizer: PreTrainedTokenizerBase
+    num_classes: int
+    max_length: int
+    label_words: tuple[str, ...] = ()
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    @property
+    def verbalizer_ids(self) -> tuple[int, ...]:
+        """One token id per class (the ``verbalizer`` task's ids); each label word must be one token."""
+        if len(self.label_words) != self.num_classes:
+            raise ValueError(f"{self.num_classes} classes need {self.num_classes} label words, got {self.label_words}")
+        ids = []
+        for word in self.label_words:
+            tokens = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(tokens) != 1:
+                raise ValueError(f"label word {word!r} is {len(tokens)} tokens, not one")
+            ids.append(tokens[0])
+        return tuple(ids)
+
+
+def sentiment_task(num_examples: int = 2000, seed: int = 0, max_length: int = 24) -> TextTask:
+    """The offline sentiment task: 2 classes, verbalizer words ``bad`` / ``good`` (reviews fit 21 tokens)."""
+    tokenizer = sentiment_tokenizer()
+    dataset = tokenize_dataset(sentiment_reviews(num_examples, seed), tokenizer, max_length)
+    return TextTask(dataset, tokenizer, num_classes=2, max_length=max_length, label_words=SENTIMENT_LABEL_WORDS)
+
+
+def load_text_task(
+    path: str,
+    tokenizer: str | PreTrainedTokenizerBase,
+    max_length: int,
+    split: str = "train",
+    data_files: str | Sequence[str] | dict | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    template: str = "{text}",
+    label_words: Sequence[str] = (),
+) -> TextTask:
+    """A hub dataset or local files (``datasets.load_dataset(path, data_files=..., split=...)``) tokenised
+    with a Hugging Face tokenizer (a name or directory for ``AutoTokenizer.from_pretrained``, or an instance).
+
+    The number of classes is the ``ClassLabel``'s, or else the largest label plus one. A tokenizer
+    without a pad token pads with its end-of-sequence token.
+    """
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    raw = datasets.load_dataset(path, data_files=data_files, split=split)
+    feature = raw.features[label_column]
+    num_classes = feature.num_classes if isinstance(feature, ClassLabel) else int(max(raw[label_column])) + 1
+    dataset = tokenize_dataset(raw, tokenizer, max_length, text_column, label_column, template)
+    return TextTask(dataset, tokenizer, num_classes=num_classes, max_length=max_length, label_words=tuple(label_words))
+
+
+def text_examples(dataset: Dataset, task: str = "classification") -> Examples:
+    """Tensors for a split transformer: ``input_ids`` and ``attention_mask`` ``(n, max_length)``, and labels:
+    the class ``(n,)``, or for ``causal-lm`` the token ids ``(n, max_length)`` with -100 at padding."""
+    table = dataset.with_format("numpy")
+    input_ids = torch.from_numpy(np.asarray(table["input_ids"], dtype=np.int64))
+    attention_mask = torch.from_numpy(np.asarray(table["attention_mask"], dtype=np.int64))
+    if task == "causal-lm":
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+    else:
+        labels = torch.from_numpy(np.asarray(table["label"], dtype=np.int64))
+    return Examples({"input_ids": input_ids, "attention_mask": attention_mask}, labels)
