@@ -36,11 +36,24 @@ RECORD_CATEGORIES: dict[tuple[str, str], str] = {
 ``smashed``); every other record counts as ``other``."""
 
 
+def record_bytes(record) -> int:
+    """``record.count_bytes()``; for config/metric records Flower cannot count (empty strings or
+    lists, which a misbehaving node may send), the same rule applied value by value."""
+    try:
+        return record.count_bytes()
+    except (ValueError, IndexError):
+        total = 0
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            total += len(key) + sum(len(v) if isinstance(v, (str, bytes)) else 1 if isinstance(v, bool) else 8 for v in values)
+        return total
+
+
 def message_bytes(message: Message) -> int:
-    """Sum of ``count_bytes()`` over the records of a message (0 for an error reply)."""
+    """Sum of the bytes of every record of a message (0 for an error reply)."""
     if message.has_error():
         return 0
-    return sum(record.count_bytes() for record in message.content.values())
+    return sum(record_bytes(record) for record in message.content.values())
 
 
 @dataclass
@@ -60,7 +73,7 @@ class RoundAccount:
         self.messages += 1
         for name, record in message.content.items():
             category = RECORD_CATEGORIES.get((direction, name.split(".", 1)[0]), "other")
-            self.bytes[category] += record.count_bytes()
+            self.bytes[category] += record_bytes(record)
 
     @property
     def total_bytes(self) -> int:

@@ -21,13 +21,13 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+BIN = Path(sys.executable).parent  # the environment's console scripts: flwr, flower-superlink, ...
 CONNECTION = "deployment"
 HOST = "127.0.0.1"
 
@@ -186,9 +186,9 @@ class ProcessGroup:
         self._handles: list[IO[bytes]] = []
         self._known: dict[int, str] = {}
 
-    def start(self, name: str, command: Sequence[str]) -> subprocess.Popen:
-        """Start ``command`` with stdout and stderr in ``<log dir>/<name>.log``."""
-        log = self.log_dir / f"{name}.log"
+    def start(self, name: str, command: Sequence[str], log: Path | None = None) -> subprocess.Popen:
+        """Start ``command`` with stdout and stderr in ``log`` (default ``<log dir>/<name>.log``)."""
+        log = log or self.log_dir / f"{name}.log"
         handle = open(log, "wb")
         self._handles.append(handle)
         handle.write(("$ " + shlex.join(command) + "\n").encode())
@@ -201,11 +201,11 @@ class ProcessGroup:
         self._known[process.pid] = cmdline(process.pid)
         return process
 
-    def check_running(self) -> None:
-        """Raise :class:`DeploymentError` if a process has exited; remember their children meanwhile."""
+    def check_running(self, ignore: Iterable[str] = ()) -> None:
+        """Raise :class:`DeploymentError` if a process (not in ``ignore``) has exited; remember children."""
         self.remember_children()
         for name, process in self.processes.items():
-            if process.poll() is not None:
+            if name not in ignore and process.poll() is not None:
                 raise DeploymentError(f"{name} exited with code {process.returncode}; see {self.logs[name]}")
 
     def remember_children(self) -> None:
@@ -309,6 +309,40 @@ def format_run_config(values: Mapping[str, Any]) -> str:
     return " ".join(tomli_w.dumps({"v": value}).strip().replace("v = ", f"{key}=", 1) for key, value in values.items())
 
 
+def wait_for_run(
+    run_id: str,
+    flwr: Callable[..., subprocess.CompletedProcess],
+    group: ProcessGroup,
+    log_file: Path,
+    timeout: float,
+    poll_every: float = 3.0,
+) -> dict[str, Any]:
+    """Wait until ``flwr ls`` reports the run ``finished:*``; return its record.
+
+    The run's log is streamed into ``log_file`` by one ``flwr log --stream`` process, which
+    ends when the run finishes; ``flwr ls`` is asked then, and every ``poll_every`` seconds
+    if the stream ends early. The run is stopped if it outlives ``timeout``.
+    """
+    group.start(f"run-{run_id}", [str(BIN / "flwr"), "log", run_id, CONNECTION, "--stream"], log=log_file)
+    stream = group.processes[f"run-{run_id}"]
+    deadline = time.monotonic() + timeout
+    record: dict[str, Any] = {}
+    next_poll = time.monotonic() + 30.0
+    while True:
+        group.check_running(ignore=[f"run-{run_id}"])
+        if stream.poll() is not None or time.monotonic() >= next_poll:
+            listed = flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
+            runs = _json_payload(listed.stdout).get("runs", []) if listed.returncode == 0 else []
+            record = runs[0] if runs else record
+            if str(record.get("status", "")).startswith("finished:"):
+                return record
+            next_poll = time.monotonic() + (poll_every if stream.poll() is not None else 30.0)
+        if time.monotonic() > deadline:
+            flwr("stop", run_id, CONNECTION)
+            raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f}s (last: {record})")
+        time.sleep(0.5)
+
+
 # --------------------------------------------------------------------------- the deployment
 def run_deployment(
     num_supernodes: int = 3,
@@ -410,32 +444,16 @@ def run_deployment(
         outcome["run_id"] = run_id
         say(f"submitted run {run_id}")
 
-        deadline = time.monotonic() + timeout
-        record: dict[str, Any] = {}
-        while True:
-            group.check_running()
-            listed = flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
-            runs = _json_payload(listed.stdout).get("runs", []) if listed.returncode == 0 else []
-            if runs:
-                record = runs[0]
-                if str(record.get("status", "")).startswith("finished:"):
-                    break
-            if time.monotonic() > deadline:
-                flwr("stop", run_id, CONNECTION)
-                raise DeploymentError(f"run {run_id} did not finish within {timeout:.0f}s (last: {record})")
-            time.sleep(2.0)
+        record = wait_for_run(run_id, flwr, group, log_dir / f"run-{run_id}.log", timeout)
         outcome["run"] = record
-        log_file = log_dir / f"run-{run_id}.log"
-        shown = flwr("log", run_id, CONNECTION, "--show")
-        log_file.write_text(shown.stdout + shown.stderr)
-        group.logs[f"run-{run_id}"] = log_file
-        say(f"run {run_id}: {record.get('status')} {record.get('status-details') or ''}".rstrip())
+        details = record.get("status-details") or ""
+        say(f"run {run_id}: {record.get('status')}" + (f" ({details})" if details not in ("", "N/A") else ""))
     finally:
         leftover = group.stop()
         outcome["leftover_pids"] = leftover
         if leftover:
             raise DeploymentError(f"processes still running after stop: {leftover}")
-        say(f"stopped {len(group.processes)} daemons and their children; logs in {log_dir}")
+        say(f"stopped {len(group.processes)} processes and their children; logs in {log_dir}")
     return outcome
 
 
