@@ -61,11 +61,14 @@ def flwr(tmp_path):
     assert not _pids_matching("flower-superlink", str(home))
 
 
-def _submit_and_wait(flwr, *args: str, limit: float = 400) -> dict:
+def _submit(flwr, *args: str) -> str:
     submitted = flwr("run", ".", "--format", "json", *args)
     payload = json.loads(submitted.stdout[submitted.stdout.index("{"):])
     assert payload.get("success"), submitted.stdout + submitted.stderr
-    run_id = payload["run-id"]
+    return payload["run-id"]
+
+
+def _wait(flwr, run_id: str, limit: float = 400) -> dict:
     deadline = time.monotonic() + limit
     while time.monotonic() < deadline:
         listed = flwr("ls", "--run-id", run_id, "--format", "json")
@@ -76,7 +79,11 @@ def _submit_and_wait(flwr, *args: str, limit: float = 400) -> dict:
     raise AssertionError(f"run {run_id} did not finish in {limit}s")
 
 
-def test_flwr_run_completes_and_a_bad_value_fails_with_its_message(flwr, tmp_path):
+def _submit_and_wait(flwr, *args: str, limit: float = 400) -> dict:
+    return _wait(flwr, _submit(flwr, *args), limit)
+
+
+def test_flwr_run_every_strategy_and_a_bad_value_fails_with_its_message(flwr, tmp_path):
     results = tmp_path / "results"
     run = _submit_and_wait(
         flwr,
@@ -91,3 +98,17 @@ def test_flwr_run_completes_and_a_bad_value_fails_with_its_message(flwr, tmp_pat
     bad = _submit_and_wait(flwr, "-c", "zo.num-perturbations=-1")
     assert bad["status"] == "finished:failed"
     assert "zo.num-perturbations=-1" in bad["status-details"] and ">= 0" in bad["status-details"]
+
+    strategies = ["frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg"]
+    runs = {
+        strategy: _submit(
+            flwr, "--federation-config", "num-supernodes=4",
+            "-c", f"strategy='{strategy}' num-server-rounds=2 eval-every=2 results-dir='{tmp_path / strategy}'",
+        )
+        for strategy in strategies
+    }
+    for strategy, run_id in runs.items():
+        run = _wait(flwr, run_id)
+        assert run["status"] == "finished:completed", (strategy, run)
+        summary = json.loads((tmp_path / strategy / "summary.json").read_text())
+        assert summary["strategy"] == strategy

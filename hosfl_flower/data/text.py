@@ -2,11 +2,13 @@
 
 The offline task (:func:`sentiment_task`) is generated deterministically from a seed: short reviews
 such as ``"frankly the plot was not very clever but the music was superb . it was"`` labelled
-negative (0) or positive (1). A clause's polarity is its adjective's, flipped by a negation
-(``not``, ``never``, ``hardly``); a review is one clause, two agreeing clauses joined by ``and``, or
-two opposite clauses joined by ``but`` where the second decides. Word counts alone cannot solve
-it: the model must bind each negation to its adjective and find the clause after ``but``. Every
-review ends with the prompt ``"it was"``, whose next word ``"bad"`` / ``"good"`` is the verbalizer.
+negative (0) or positive (1). A clause's polarity is its adjective's (10 positive, 10 negative),
+flipped by a negation (``not``, ``never``, ``hardly``; a quarter of the clauses). A review is one
+clause (half of them), two opposite clauses joined by ``but`` where the second decides (a quarter),
+or two agreeing clauses joined by ``and``. Word counts alone get about two thirds right (logistic
+regression on counts: 66 % held out); the rest needs binding each negation to its adjective and
+finding the clause after ``but``. Every review ends with the prompt ``"it was"``, whose next word
+``"bad"`` / ``"good"`` is the verbalizer.
 
 Tokenised datasets have the columns ``input_ids``, ``attention_mask`` (right-padded to a fixed
 ``max_length``, so ``z`` has a fixed shape) and ``label``.
@@ -34,7 +36,10 @@ SENTIMENT_LABEL_WORDS = ("bad", "good")
 """Verbalizer words of the offline task, by label."""
 
 _OPENERS = ("honestly", "overall", "frankly", "i think", "in the end", "to me")
-_SUBJECTS = ("the movie", "the film", "the plot", "the acting", "the music", "the ending", "the story", "this show", "the cast", "the script")
+_SUBJECTS = (
+    "the movie", "the film", "the plot", "the acting", "the music",
+    "the ending", "the story", "this show", "the cast", "the script",
+)
 _VERBS = ("was", "is", "felt", "seemed")
 _INTENSIFIERS = ("very", "really", "quite", "so", "truly")
 _NEGATIONS = ("not", "never", "hardly")
@@ -43,14 +48,16 @@ _ADJECTIVES = (
     ("good", "great", "fun", "brilliant", "lovely", "charming", "clever", "moving", "superb", "funny"),
 )
 _PROMPT = ". it was"
+_NEGATED, _INTENSIFIED, _OPENED = 0.25, 0.4, 0.3  # shares of negated / intensified clauses, of reviews with an opener
+_ONE_CLAUSE, _BUT = 0.5, 0.25  # shares of one-clause and "but" reviews (the rest: "and")
 
 
 def _clause(rng: random.Random, polarity: int) -> str:
-    negated = rng.random() < 0.35
+    negated = rng.random() < _NEGATED
     words = [rng.choice(_SUBJECTS), rng.choice(_VERBS)]
     if negated:
         words.append(rng.choice(_NEGATIONS))
-    if rng.random() < 0.4:
+    if rng.random() < _INTENSIFIED:
         words.append(rng.choice(_INTENSIFIERS))
     words.append(rng.choice(_ADJECTIVES[polarity ^ negated]))
     return " ".join(words)
@@ -63,16 +70,18 @@ def sentiment_reviews(num_examples: int, seed: int) -> Dataset:
     for _ in range(num_examples):
         label = rng.randrange(2)
         form = rng.random()
-        if form < 0.4:
+        if form < _ONE_CLAUSE:
             body = _clause(rng, label)
-        elif form < 0.7:
+        elif form < _ONE_CLAUSE + _BUT:
             body = f"{_clause(rng, 1 - label)} but {_clause(rng, label)}"
         else:
             body = f"{_clause(rng, label)} and {_clause(rng, label)}"
-        opener = f"{rng.choice(_OPENERS)} " if rng.random() < 0.3 else ""
+        opener = f"{rng.choice(_OPENERS)} " if rng.random() < _OPENED else ""
         texts.append(f"{opener}{body} {_PROMPT}")
         labels.append(label)
-    features = datasets.Features({"text": datasets.Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": ClassLabel(names=["negative", "positive"])}
+    )
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 
@@ -106,7 +115,11 @@ def tokenize_dataset(
     def encode(batch: dict) -> dict:
         texts = [template.format(text=text) for text in batch[text_column]]
         encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"], "label": batch[label_column]}
+        return {
+            "input_ids": encoded["input_ids"],
+            "attention_mask": encoded["attention_mask"],
+            "label": batch[label_column],
+        }
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
 
@@ -123,10 +136,12 @@ class TextTask:
 
     @property
     def pad_id(self) -> int:
+        """The tokenizer's padding id."""
         return int(self.tokenizer.pad_token_id)
 
     @property
     def vocab_size(self) -> int:
+        """The tokenizer's vocabulary size, special tokens included."""
         return len(self.tokenizer)
 
     @property
@@ -144,7 +159,7 @@ class TextTask:
 
 
 def sentiment_task(num_examples: int = 2000, seed: int = 0, max_length: int = 24) -> TextTask:
-    """The offline sentiment task: 2 classes, verbalizer words ``bad`` / ``good`` (reviews fit 21 tokens)."""
+    """The offline sentiment task: 2 classes, verbalizer words ``bad`` / ``good`` (reviews have at most 20 tokens)."""
     tokenizer = sentiment_tokenizer()
     dataset = tokenize_dataset(sentiment_reviews(num_examples, seed), tokenizer, max_length)
     return TextTask(dataset, tokenizer, num_classes=2, max_length=max_length, label_words=SENTIMENT_LABEL_WORDS)

@@ -98,12 +98,18 @@ class HeronSFLStrategy(SplitStrategy):
         return HeronReply(node, client, head, batches, num_examples, meta_seconds(reply))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Server steps on the smashed batches client by client, then FedAvg of ``θ_c`` and ``θ_a``."""
+        """Validate the replies, then :meth:`aggregate_replies`."""
         kept: list[HeronReply] = self.collect(replies, self._round["nodes"], self.validate_reply)
-        metrics: dict[str, Any] = {"sampled": len(self._round["nodes"]), "replies": len(kept), "server-batches": 0}
+        metrics = {"sampled": len(self._round["nodes"]), **self.aggregate_replies(server_round, kept)}
+        return None, MetricRecord(metrics)
+
+    def aggregate_replies(self, server_round: int, kept: list[HeronReply]) -> dict[str, Any]:
+        """Server steps on the smashed batches client by client, then FedAvg of ``θ_c`` and ``θ_a``
+        weighted by :meth:`aggregation_weights` (examples)."""
+        metrics: dict[str, Any] = {"replies": len(kept), "server-batches": 0}
         if not kept:
             metrics["skipped"] = 1
-            return None, MetricRecord(metrics)
+            return metrics
         losses, seconds = [], 0.0
         for reply in kept:
             for batch in reply.batches:
@@ -121,7 +127,7 @@ class HeronSFLStrategy(SplitStrategy):
                 "client-seconds": sum(r.client_seconds for r in kept),
             }
         )
-        return None, MetricRecord(metrics)
+        return metrics
 
     def run_round(self, grid: Grid, server_round: int, account: RoundAccount) -> dict[str, Any]:
         """``train.heron`` → server steps on the uploaded batches → FedAvg."""

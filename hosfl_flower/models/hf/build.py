@@ -84,18 +84,22 @@ def load_library_model(name_or_path: str, task: str, num_classes: int) -> PreTra
     """The unsplit float32 task model: a named tiny configuration (``from_config``) or ``from_pretrained``."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
-    kwargs = {"num_labels": num_classes} if task == "classification" else {}
+    if task != "classification":
+        if name_or_path in TINY_CONFIGS:
+            return AutoModelForCausalLM.from_config(tiny_config(name_or_path), dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
     if name_or_path in TINY_CONFIGS:
         config = tiny_config(name_or_path)
-        for key, value in kwargs.items():
-            setattr(config, key, value)
-        return auto.from_config(config, dtype=torch.float32)
-    return auto.from_pretrained(name_or_path, dtype=torch.float32, **kwargs)
+        config.num_labels = num_classes
+        return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    return AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=torch.float32, num_labels=num_classes)
 
 
 @lru_cache(maxsize=4)
-def _template(name_or_path: str, task: str, num_classes: int, seed: int, lora: LoraSettings | None) -> PreTrainedModel:
+def _template(
+    name_or_path: str, task: str, num_classes: int, seed: int, lora: LoraSettings | None
+) -> PreTrainedModel:
+    """The cached model every :func:`library_model` call copies (never handed out itself)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = load_library_model(name_or_path, task, num_classes)
@@ -105,7 +109,11 @@ def _template(name_or_path: str, task: str, num_classes: int, seed: int, lora: L
 
 
 def library_model(
-    name_or_path: str, task: str = "classification", num_classes: int = 2, seed: int = 0, lora: LoraSettings | None = None
+    name_or_path: str,
+    task: str = "classification",
+    num_classes: int = 2,
+    seed: int = 0,
+    lora: LoraSettings | None = None,
 ) -> PreTrainedModel:
     """A fresh unsplit task model from the per-process cache (frozen weights shared, trainable ones copied).
 
@@ -138,8 +146,11 @@ def build_hf_split_model(
     ``verbalizer`` needs ``verbalizer_ids`` (one token id per class, ``num_classes`` of them).
     """
     if task == "verbalizer" and len(verbalizer_ids or ()) != num_classes:
-        raise ValueError(f"verbalizer task with {num_classes} classes needs {num_classes} verbalizer ids, got {verbalizer_ids}")
-    model = split_library_model(library_model(name_or_path, task, num_classes, seed, lora), cut_layer, task, verbalizer_ids)
+        raise ValueError(
+            f"a verbalizer task with {num_classes} classes needs {num_classes} verbalizer ids, got {verbalizer_ids}"
+        )
+    unsplit = library_model(name_or_path, task, num_classes, seed, lora)
+    model = split_library_model(unsplit, cut_layer, task, verbalizer_ids)
     if lora is not None and not trainable_parameters(model.client):
         targets = lora.targets or DEFAULT_LORA_TARGETS[model.config.model_type]
         raise ValueError(f"LoRA targets {list(targets)} match no module of the client segment (cut-layer {cut_layer})")

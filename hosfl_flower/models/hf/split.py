@@ -9,11 +9,12 @@ library's own utilities on each side from the companions that travel with ``z``.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.masking_utils import (
     create_bidirectional_mask,
@@ -22,6 +23,8 @@ from transformers.masking_utils import (
 )
 
 from ..base import Inputs, Smashed, SplitModel
+
+Modules = dict[str, nn.Module]
 
 TASKS = ("classification", "causal-lm", "verbalizer")
 """``classification``: sequence classification; ``causal-lm``: next-token prediction;
@@ -65,7 +68,8 @@ class HFSplitModel(SplitModel):
         super().__init__()
         config = library_model.config
         if task not in self.supported_tasks:
-            raise ValueError(f"task {task!r} is not available for {config.model_type}; allowed: {', '.join(self.supported_tasks)}")
+            allowed = ", ".join(self.supported_tasks)
+            raise ValueError(f"task {task!r} is not available for {config.model_type}; allowed: {allowed}")
         num_layers = len(self._blocks(library_model))
         if not 1 <= cut_layer < num_layers:
             raise ValueError(
@@ -86,7 +90,9 @@ class HFSplitModel(SplitModel):
         if task == "verbalizer":
             ids = torch.as_tensor(list(verbalizer_ids or ()), dtype=torch.long)
             if ids.numel() < 2 or int(ids.min()) < 0 or int(ids.max()) >= self.num_classes:
-                raise ValueError(f"verbalizer needs at least two token ids in 0..{self.num_classes - 1}, got {ids.tolist()}")
+                raise ValueError(
+                    f"verbalizer needs at least two token ids in 0..{self.num_classes - 1}, got {ids.tolist()}"
+                )
             self.num_classes = int(ids.numel())
         self.verbalizer_ids: torch.Tensor | None
         self.register_buffer("verbalizer_ids", ids, persistent=False)
@@ -95,21 +101,21 @@ class HFSplitModel(SplitModel):
 
     # ------------------------------------------------------------------ family hooks
     @staticmethod
+    @abstractmethod
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
         """The model's transformer blocks, in order."""
-        raise NotImplementedError
 
-    def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    @abstractmethod
+    def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
         """Client and server modules by name (without the task head)."""
-        raise NotImplementedError
 
-    def _classifier_modules(self, model: PreTrainedModel) -> dict[str, nn.Module]:
+    def _classifier_modules(self, model: PreTrainedModel) -> Modules:
         """The server modules of the sequence-classification head."""
         return {"score": model.score}
 
+    @abstractmethod
     def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Server blocks and final norm: the last hidden states the task head reads."""
-        raise NotImplementedError
 
     def _classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Decoder classification: score every position, keep the last non-padding one."""
@@ -155,18 +161,22 @@ class GPT2Split(HFSplitModel):
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
         return model.transformer.h
 
-    def _segments(self, model, cut_layer):
+    def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
         base = model.transformer
         client = {"wte": base.wte, "wpe": base.wpe, "drop": base.drop, "h": nn.ModuleList(base.h[:cut_layer])}
         return client, {"h": nn.ModuleList(base.h[cut_layer:]), "ln_f": base.ln_f}
 
-    def _run_blocks(self, blocks: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    def _run_blocks(
+        self, blocks: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
         mask = create_causal_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
             position_ids=position_ids,
         )
         for block in blocks:
-            hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False, position_ids=position_ids)
+            hidden = block(
+                hidden, None, mask, None, encoder_attention_mask=None, use_cache=False, position_ids=position_ids
+            )
         return hidden
 
     def smash(self, inputs: Inputs) -> Smashed:
@@ -176,7 +186,7 @@ class GPT2Split(HFSplitModel):
         z = self._run_blocks(self.client.h, hidden, attention_mask, position_ids)
         return {"z": z, **_decoder_companions(attention_mask, position_ids)}
 
-    def _trunk(self, smashed):
+    def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         hidden = self._run_blocks(self.server.h, smashed["z"], smashed["attention_mask"], smashed["position_ids"])
         return self.server.ln_f(hidden)
 
@@ -185,19 +195,21 @@ class OPTSplit(HFSplitModel):
     """OPT: learned positions from the padding mask (offset 2), ``project_in`` before the blocks,
     ``final_layer_norm`` (pre-norm models only) then ``project_out`` after them."""
 
-    def __init__(self, library_model: PreTrainedModel, *args, **kwargs) -> None:
+    def __init__(
+        self, library_model: PreTrainedModel, cut_layer: int, task: str, verbalizer_ids: Sequence[int] | None = None
+    ) -> None:
         if library_model.config.layerdrop > 0:
             raise ValueError("OPT with layerdrop > 0 cannot be split (the split replays every layer)")
-        super().__init__(library_model, *args, **kwargs)
+        super().__init__(library_model, cut_layer, task, verbalizer_ids)
 
     @staticmethod
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
         return model.model.decoder.layers
 
-    def _segments(self, model, cut_layer):
+    def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
         decoder = model.model.decoder
         client = {"embed_tokens": decoder.embed_tokens, "embed_positions": decoder.embed_positions}
-        server: dict[str, nn.Module] = {"layers": nn.ModuleList(decoder.layers[cut_layer:])}
+        server: Modules = {"layers": nn.ModuleList(decoder.layers[cut_layer:])}
         if decoder.project_in is not None:
             client["project_in"] = decoder.project_in
         client["layers"] = nn.ModuleList(decoder.layers[:cut_layer])
@@ -207,10 +219,16 @@ class OPTSplit(HFSplitModel):
             server["project_out"] = decoder.project_out
         return client, server
 
-    def _run_layers(self, layers: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None)
+    def _run_layers(
+        self, layers: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None
+        )
         for layer in layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=None, use_cache=False)
+            hidden = layer(
+                hidden, attention_mask=mask, position_ids=position_ids, past_key_values=None, use_cache=False
+            )
         return hidden
 
     def smash(self, inputs: Inputs) -> Smashed:
@@ -223,7 +241,7 @@ class OPTSplit(HFSplitModel):
         z = self._run_layers(self.client.layers, inputs_embeds + pos_embeds, attention_mask, position_ids)
         return {"z": z, **_decoder_companions(attention_mask, position_ids)}
 
-    def _trunk(self, smashed):
+    def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         hidden = self._run_layers(self.server.layers, smashed["z"], smashed["attention_mask"], smashed["position_ids"])
         if "final_layer_norm" in self.server:
             hidden = self.server.final_layer_norm(hidden)
@@ -235,7 +253,7 @@ class OPTSplit(HFSplitModel):
 _MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
-def _attention_types(config) -> list[str]:
+def _attention_types(config: PretrainedConfig) -> list[str]:
     """Each layer's mask kind, as the family's model forward chooses it."""
     if config.model_type == "qwen2":
         return list(config.layer_types)
@@ -259,9 +277,10 @@ class LlamaLayoutSplit(HFSplitModel):
         """Each layer's mask kind (``full_attention`` or ``sliding_attention``)."""
         return _attention_types(self.config)
 
-    def _segments(self, model, cut_layer):
+    def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
         base = model.model
-        client = {"embed_tokens": base.embed_tokens, "rotary_emb": base.rotary_emb, "layers": nn.ModuleList(base.layers[:cut_layer])}
+        client = {"embed_tokens": base.embed_tokens, "rotary_emb": base.rotary_emb}
+        client["layers"] = nn.ModuleList(base.layers[:cut_layer])
         server = {"rotary_emb": base.rotary_emb, "layers": nn.ModuleList(base.layers[cut_layer:]), "norm": base.norm}
         return client, server
 
@@ -291,7 +310,7 @@ class LlamaLayoutSplit(HFSplitModel):
         )
         return {"z": z, **_decoder_companions(attention_mask, position_ids)}
 
-    def _trunk(self, smashed):
+    def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         hidden = self._run_layers(
             self.server.layers, self.attention_types[self.cut_layer :], smashed["z"], smashed["attention_mask"],
             smashed["position_ids"], self.server.rotary_emb,
@@ -307,21 +326,23 @@ class BertLayoutSplit(HFSplitModel):
 
     supported_tasks = ("classification",)
 
-    def __init__(self, library_model: PreTrainedModel, *args, **kwargs) -> None:
+    def __init__(
+        self, library_model: PreTrainedModel, cut_layer: int, task: str, verbalizer_ids: Sequence[int] | None = None
+    ) -> None:
         if library_model.config.is_decoder:
             raise ValueError("a BERT-layout model configured as a decoder cannot be split as an encoder")
-        super().__init__(library_model, *args, **kwargs)
+        super().__init__(library_model, cut_layer, task, verbalizer_ids)
 
     @staticmethod
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
         return model.base_model.encoder.layer
 
-    def _segments(self, model, cut_layer):
+    def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
         base = model.base_model
         client = {"embeddings": base.embeddings, "layer": nn.ModuleList(base.encoder.layer[:cut_layer])}
         return client, {"layer": nn.ModuleList(base.encoder.layer[cut_layer:])}
 
-    def _classifier_modules(self, model):
+    def _classifier_modules(self, model: PreTrainedModel) -> Modules:
         if model.base_model.pooler is not None:
             return {"pooler": model.base_model.pooler, "dropout": model.dropout, "classifier": model.classifier}
         return {"classifier": model.classifier}
@@ -337,7 +358,7 @@ class BertLayoutSplit(HFSplitModel):
         hidden = self.client.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
         return {"z": self._run_layers(self.client.layer, hidden, attention_mask), "attention_mask": attention_mask}
 
-    def _trunk(self, smashed):
+    def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self._run_layers(self.server.layer, smashed["z"], smashed["attention_mask"])
 
     def _classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
