@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from logging import INFO
 from typing import Any
 
+import torch
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
@@ -31,6 +32,7 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = resolve_run_config(context.run_config, overrides or {})
+        torch.set_num_threads(config["torch-threads"])
         strategy = build_strategy(config)
         result = strategy.start(grid=grid, num_rounds=config["num-server-rounds"])
         last = max(result.evaluate_metrics_serverapp)

@@ -317,13 +317,14 @@ class HOSFLClient(NumPyClient):
                     self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round, step
                 )
                 smashed = self.model.smash(batch.inputs)
-                loss0 = float(self.model.loss(head(smashed["z"]), batch.labels))
+                mask = batch.inputs.get("attention_mask")
+                loss0 = float(self.model.loss(head(smashed["z"], mask), batch.labels))
                 if (step + 1) % upload_every == 0:
                     kept.append((step, smashed, batch.labels))
                 seed = mix_seed(self.settings.seed, self.settings.partition_id, server_round, step, 0x4E50)
                 perturb_(params, seed, mu)
                 try:
-                    loss1 = float(self.model.loss(head(self.model.smash(batch.inputs)["z"]), batch.labels))
+                    loss1 = float(self.model.loss(head(self.model.smash(batch.inputs)["z"], mask), batch.labels))
                 finally:
                     perturb_(params, seed, -mu)
                 apply_entry(params, optimizer, LedgerEntry(step, (seed,), (loss1 - loss0,), lr, mu))

@@ -30,6 +30,8 @@ def node_partition(context: Context) -> tuple[int, int]:
 def make_client(context: Context, overrides: Mapping[str, Any] | None = None) -> HOSFLClient:
     """Build the node's :class:`HOSFLClient` (cheap: model and data are cached per process)."""
     config = resolve_run_config(context.run_config, overrides or {})
+    if torch.get_num_threads() != config["torch-threads"]:
+        torch.set_num_threads(config["torch-threads"])
     partition_id, num_partitions = node_partition(context)
     task = client_task(config, num_partitions)
     return HOSFLClient(

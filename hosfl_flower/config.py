@@ -14,9 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 STRATEGIES = ("hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg")
-MODELS = ("cnn", "resnet")
+VISION_MODELS = ("cnn", "resnet")
+TINY_TRANSFORMERS = (
+    "tiny-gpt2", "tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert", "tiny-roberta",
+)
+"""Named tiny Hugging Face configurations (3 blocks, built with ``from_config``: nothing is downloaded)."""
+TASKS = ("classification", "causal-lm", "verbalizer")
 AUX_HEADS = ("linear", "mlp")
-DATASETS = ("digits",)
+DATASETS = ("digits", "sentiment")
 PARTITIONERS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adamw")
 PLACEMENTS = ("local", "ray")
@@ -89,9 +94,18 @@ OPTIONS: dict[str, Option] = {
     "strategy": Option("hosfl", "which protocol to run", choices=STRATEGIES),
     "num-server-rounds": Option(150, "rounds to run", minimum=1),
     "seed": Option(0, "seed of the server RNG, initial weights, data split and minibatches", minimum=0),
-    "model": Option("cnn", "split model", choices=MODELS),
+    "model": Option("cnn", "cnn, resnet, a tiny-* transformer, or a Hugging Face hub name or local directory"),
     "cut-layer": Option(2, "the client segment is the model's first cut-layer blocks", minimum=1),
-    "dataset": Option("digits", "dataset (bundled, no download)", choices=DATASETS),
+    "task": Option("classification", "transformer task: classification, causal-lm or verbalizer", choices=TASKS),
+    "dataset": Option("digits", "digits, sentiment (both bundled), or a Hugging Face dataset name or local path"),
+    "max-length": Option(24, "token length text is padded or truncated to", minimum=2),
+    "data.text-column": Option("text", "text column of a Hugging Face dataset"),
+    "data.label-column": Option("label", "label column of a Hugging Face dataset"),
+    "data.template": Option("{text}", "prompt template applied to each text"),
+    "data.label-words": Option("", "comma-separated verbalizer words, one per class (task=verbalizer)"),
+    "lora.rank": Option(0, "LoRA rank on both segments of a transformer (0: no LoRA)", minimum=0),
+    "lora.alpha": Option(16.0, "LoRA alpha", minimum=0.0, exclusive_minimum=True),
+    "lora.targets": Option("", "comma-separated LoRA target modules (empty: the family's default)"),
     "partitioner": Option("iid", "how training data is split across nodes", choices=PARTITIONERS),
     "dirichlet-alpha": Option(0.3, "Dirichlet concentration for partitioner=dirichlet", minimum=0.0, exclusive_minimum=True),
     "test-fraction": Option(0.2, "held-out share of the data for central evaluation", minimum=0.0, maximum=0.9, exclusive_minimum=True),
@@ -117,6 +131,7 @@ OPTIONS: dict[str, Option] = {
     "heron.lr": Option(0.01, "learning rate of heron-sfl's client steps", minimum=0.0),
     "heron.head": Option("linear", "auxiliary head on the client: linear or mlp", choices=AUX_HEADS),
     "split-server.placement": Option("local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS),
+    "torch-threads": Option(1, "torch intra-op threads of the server and every client (results are bit-exact per setting)", minimum=1),
     "round-timeout": Option(600.0, "seconds to wait for replies in one exchange", minimum=0.0, exclusive_minimum=True),
     "final-sync": Option(True, "after the last round, bring every node up to date and check its fingerprint"),
     "results-dir": Option("results", "where per-round results and the final model are written"),
@@ -143,8 +158,25 @@ def resolve_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _check_cross_keys(config: Mapping[str, Any]) -> None:
-    if config["model"] in ("cnn", "resnet") and not 1 <= config["cut-layer"] <= 4:
-        raise ConfigError("cut-layer", config["cut-layer"], f"must be within the {config['model']}'s blocks 1..4")
+    model, dataset = config["model"], config["dataset"]
+    if not model:
+        raise ConfigError("model", model, "must name a model")
+    if model in VISION_MODELS:
+        if not 1 <= config["cut-layer"] <= 4:
+            raise ConfigError("cut-layer", config["cut-layer"], f"must be within the {model}'s blocks 1..4")
+        if dataset != "digits":
+            raise ConfigError("dataset", dataset, f"the {model} model needs dataset=digits")
+        if config["task"] != "classification":
+            raise ConfigError("task", config["task"], f"the {model} model does classification only")
+    else:
+        if dataset == "digits":
+            raise ConfigError("dataset", dataset, f"transformer {model} needs a text dataset (sentiment or a Hugging Face one)")
+        if model.startswith("tiny-") and model not in TINY_TRANSFORMERS:
+            raise ConfigError("model", model, f"unknown tiny transformer; allowed: {', '.join(TINY_TRANSFORMERS)}")
+        if model in TINY_TRANSFORMERS and not 1 <= config["cut-layer"] <= 2:
+            raise ConfigError("cut-layer", config["cut-layer"], f"must be within {model}'s blocks 1..2")
+        if config["task"] == "verbalizer" and dataset != "sentiment" and not config["data.label-words"]:
+            raise ConfigError("data.label-words", "", "task=verbalizer needs one label word per class")
     if config["heron.upload-every"] > config["heron.local-steps"]:
         raise ConfigError(
             "heron.upload-every", config["heron.upload-every"], f"must be <= heron.local-steps ({config['heron.local-steps']})"

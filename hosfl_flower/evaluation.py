@@ -10,14 +10,14 @@ from .models import SplitModel
 
 @torch.no_grad()
 def evaluate_model(model: SplitModel, examples: Examples, batch_size: int = 512) -> tuple[float, float]:
-    """Mean loss and accuracy of the unsplit forward pass over ``examples``."""
+    """Mean loss and accuracy (:meth:`SplitModel.count_correct`) of the unsplit forward pass over ``examples``."""
     was_training = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
+    total_loss, correct, counted = 0.0, 0, 0
     for batch in examples.batches(batch_size):
         logits = model(batch.inputs)
         total_loss += float(model.loss(logits, batch.labels)) * len(batch)
-        correct += int((logits.argmax(dim=-1) == batch.labels).sum())
+        right, seen = model.count_correct(logits, batch.labels)
+        correct, counted = correct + right, counted + seen
     model.train(was_training)
-    n = max(len(examples), 1)
-    return total_loss / n, correct / n
+    return total_loss / max(len(examples), 1), correct / max(counted, 1)

@@ -16,9 +16,10 @@ import torch
 from .config import resolve_run_config
 from .data import load_federated_data, sample_batch
 from .evaluation import evaluate_model
-from .models import SplitModel, build_split_model
+from .models import SplitModel
 from .schedule import RoundSchedule
 from .split_server import SplitServer
+from .task import build_model, text_spec
 from .zo import Ledger, LedgerEntry, aggregate_scalars, apply_entry, hybrid_probe_scalars, make_client_optimizer
 
 
@@ -34,11 +35,13 @@ class ReferenceResult:
 def run_reference(run_config: Mapping[str, Any], num_partitions: int) -> ReferenceResult:
     """Run HO-SFL for ``num-server-rounds`` rounds over ``num_partitions`` nodes, all in this process."""
     cfg = resolve_run_config(run_config)
+    torch.set_num_threads(cfg["torch-threads"])
     seed, num_probes, mu = cfg["seed"], cfg["zo.num-perturbations"], cfg["zo.mu"]
     data = load_federated_data(
-        cfg["dataset"], num_partitions, cfg["partitioner"], cfg["dirichlet-alpha"], seed, cfg["test-fraction"]
+        cfg["dataset"], num_partitions, cfg["partitioner"], cfg["dirichlet-alpha"], seed, cfg["test-fraction"],
+        text_spec(cfg),
     )
-    model = build_split_model(cfg["model"], cfg["cut-layer"], data.num_classes, seed)
+    model = build_model(cfg, data.info)
     server = SplitServer(
         model,
         optimizer=cfg["server.optimizer"],

@@ -37,8 +37,9 @@ class SplitServer:
     """``θ_s``, its optimizer and the first-order step over a round's smashed batches.
 
     ``step`` computes ``loss = Σ_n w_n ℓ(f_s(z_n), y_n)``, takes one optimizer step on ``θ_s``, and
-    returns ``λ_n = ∂loss/∂z_n`` for every batch. The same class runs in the ServerApp process
-    (default) or as a Ray actor (:func:`ray_split_server`).
+    returns ``λ_n = ∂loss/∂z_n`` for every batch. The model stays in eval mode (no dropout), so a
+    step is a deterministic function of its inputs. The same class runs in the ServerApp process
+    (default) or as a Ray actor (:class:`RaySplitServer`).
     """
 
     def __init__(
@@ -63,7 +64,6 @@ class SplitServer:
         if len(batches) != len(weights):
             raise ValueError(f"{len(batches)} batches but {len(weights)} weights")
         start = time.perf_counter()
-        self.model.server.train()
         self.optimizer.zero_grad(set_to_none=True)
         leaves: list[torch.Tensor] = []
         total = torch.zeros((), dtype=torch.float32)
@@ -75,7 +75,6 @@ class SplitServer:
         if leaves:
             total.backward()
             self.optimizer.step()
-        self.model.server.eval()
         grads = [z.grad if z.grad is not None else torch.zeros_like(z) for z in leaves]
         return StepResult(float(total.detach()), grads, time.perf_counter() - start)
 
@@ -188,7 +187,7 @@ class RaySplitServer:
             time.sleep(0.05)
         actor_class = ray.remote(num_cpus=0)(SplitServer)
         self._ray = ray
-        optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())
+        optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())  # as the ServerApp's (torch-threads)
         self._template, self._kwargs = model, dict(optimizer_kwargs)
         self._actor = actor_class.remote(model, **optimizer_kwargs)
 

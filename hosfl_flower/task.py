@@ -1,4 +1,5 @@
-"""Per-process cache of what a run needs and every node can rebuild: the model, its initial weights, the data."""
+"""From a resolved run config to what a run needs, cached per process: the model, its initial
+weights, the data. Every node rebuilds the same initial model from the run's seed."""
 
 from __future__ import annotations
 
@@ -8,8 +9,38 @@ from typing import Any, Mapping
 
 import torch
 
-from .data import NUM_CLASSES, Examples, FederatedData, load_federated_data, load_train_test
+from .data import DataInfo, Examples, FederatedData, TextSpec, load_federated_data, load_train_test
 from .models import SplitModel, build_split_model
+
+
+def text_spec(config: Mapping[str, Any]) -> TextSpec | None:
+    """The tokenisation settings of a text dataset (``None`` for digits)."""
+    if config["dataset"] == "digits":
+        return None
+    words = tuple(w.strip() for w in config["data.label-words"].split(",") if w.strip())
+    return TextSpec(
+        task=config["task"],
+        max_length=config["max-length"],
+        tokenizer=config["model"],
+        text_column=config["data.text-column"],
+        label_column=config["data.label-column"],
+        template=config["data.template"],
+        label_words=words,
+    )
+
+
+def build_model(config: Mapping[str, Any], info: DataInfo) -> SplitModel:
+    """The split model the config names, with the run's initial weights."""
+    lora = None
+    if config["lora.rank"] > 0:
+        from .models.hf import LoraSettings
+
+        targets = tuple(t.strip() for t in config["lora.targets"].split(",") if t.strip())
+        lora = LoraSettings(config["lora.rank"], config["lora.alpha"], targets)
+    return build_split_model(
+        config["model"], config["cut-layer"], info.num_classes, config["seed"],
+        task=config["task"], lora=lora, verbalizer_ids=info.verbalizer_ids,
+    )
 
 
 @dataclass(frozen=True)
@@ -21,26 +52,31 @@ class ClientTask:
     data: FederatedData
 
 
+_CLIENT_KEYS = (
+    "model", "cut-layer", "task", "seed", "dataset", "partitioner", "dirichlet-alpha", "test-fraction",
+    "max-length", "data.text-column", "data.label-column", "data.template", "data.label-words",
+    "lora.rank", "lora.alpha", "lora.targets",
+)
+
+
 @lru_cache(maxsize=4)
-def _client_task(
-    model: str, cut_layer: int, seed: int, dataset: str, num_partitions: int, partitioner: str, alpha: float, test_fraction: float
-) -> ClientTask:
-    data = load_federated_data(dataset, num_partitions, partitioner, alpha, seed, test_fraction)
-    split_model = build_split_model(model, cut_layer, data.num_classes, seed)
-    initial = {k: v.clone() for k, v in split_model.client_state().items()}
-    return ClientTask(split_model, initial, data)
+def _client_task(items: tuple, num_partitions: int) -> ClientTask:
+    config = dict(items)
+    data = load_federated_data(
+        config["dataset"], num_partitions, config["partitioner"], config["dirichlet-alpha"], config["seed"],
+        config["test-fraction"], text_spec(config),
+    )
+    model = build_model(config, data.info)
+    initial = {k: v.clone() for k, v in model.client_state().items()}
+    return ClientTask(model, initial, data)
 
 
 def client_task(config: Mapping[str, Any], num_partitions: int) -> ClientTask:
     """The cached :class:`ClientTask` for a resolved run config (the model object is shared: load state into it)."""
-    return _client_task(
-        config["model"], config["cut-layer"], config["seed"], config["dataset"], num_partitions,
-        config["partitioner"], config["dirichlet-alpha"], config["test-fraction"],
-    )
+    return _client_task(tuple((k, config[k]) for k in _CLIENT_KEYS), num_partitions)
 
 
 def server_model_and_test(config: Mapping[str, Any]) -> tuple[SplitModel, Examples]:
     """A fresh model with the run's initial weights, and the held-out test examples."""
-    _, test = load_train_test(config["dataset"], config["seed"], config["test-fraction"])
-    model = build_split_model(config["model"], config["cut-layer"], NUM_CLASSES[config["dataset"]], config["seed"])
-    return model, test
+    _, test, info = load_train_test(config["dataset"], config["seed"], config["test-fraction"], text_spec(config))
+    return build_model(config, info), test

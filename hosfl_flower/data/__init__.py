@@ -1,9 +1,15 @@
-"""Datasets and their partitioning across nodes with ``flwr-datasets`` partitioners."""
+"""Datasets and their partitioning across nodes with ``flwr-datasets`` partitioners.
+
+``digits`` (scikit-learn's bundled images) and ``sentiment`` (a generated text task) need no
+download; any other name is loaded with ``datasets.load_dataset`` and tokenised with the model's
+Hugging Face tokenizer (for real users where the hub or local files are reachable).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import datasets
 from datasets import Dataset
@@ -15,8 +21,28 @@ from .examples import Examples, sample_batch
 datasets.disable_progress_bars()
 
 PARTITIONERS = ("iid", "dirichlet")
-DATASETS = ("digits",)
-NUM_CLASSES = {"digits": 10}
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How text data is tokenised and labelled (ignored for ``digits``)."""
+
+    task: str = "classification"
+    max_length: int = 24
+    tokenizer: str = ""
+    text_column: str = "text"
+    label_column: str = "label"
+    template: str = "{text}"
+    label_words: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What a model needs to know about the data: classes, verbalizer token ids, and the converter to tensors."""
+
+    num_classes: int
+    to_examples: Callable[[Dataset], Examples]
+    verbalizer_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -25,20 +51,23 @@ class FederatedData:
 
     partitioner: Partitioner
     test: Examples
-    num_classes: int
-    to_examples: object
+    info: DataInfo
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_partitions(self) -> int:
         return self.partitioner.num_partitions
 
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
     def partition(self, partition_id: int) -> Examples:
-        """The training examples of node ``partition_id``."""
+        """The training examples of node ``partition_id`` (cached)."""
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside 0..{self.num_partitions - 1}")
         if partition_id not in self._cache:
-            self._cache[partition_id] = self.to_examples(self.partitioner.load_partition(partition_id))
+            self._cache[partition_id] = self.info.to_examples(self.partitioner.load_partition(partition_id))
         return self._cache[partition_id]
 
 
@@ -54,23 +83,47 @@ def make_partitioner(name: str, num_partitions: int, alpha: float, seed: int) ->
 
 
 @lru_cache(maxsize=4)
-def load_train_test(dataset: str, seed: int, test_fraction: float) -> tuple[Dataset, Examples]:
-    """The training split (a ``datasets.Dataset``) and the held-out test examples (cached per process)."""
-    if dataset != "digits":
-        raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
-    split = digits_dataset().train_test_split(test_size=test_fraction, seed=seed)
-    return split["train"], digits_examples(split["test"])
+def load_train_test(
+    dataset: str, seed: int, test_fraction: float, text: TextSpec | None = None
+) -> tuple[Dataset, Examples, DataInfo]:
+    """The training split (a ``datasets.Dataset``), the held-out test examples and :class:`DataInfo` (cached)."""
+    if dataset == "digits":
+        split = digits_dataset().train_test_split(test_size=test_fraction, seed=seed)
+        return split["train"], digits_examples(split["test"]), DataInfo(10, digits_examples)
+    from .text import load_text_task, sentiment_task, text_examples
+
+    text = text or TextSpec()
+    if dataset == "sentiment":
+        task = sentiment_task(seed=seed, max_length=text.max_length)
+    else:
+        task = load_text_task(
+            dataset, text.tokenizer, text.max_length, text_column=text.text_column, label_column=text.label_column,
+            template=text.template, label_words=text.label_words,
+        )
+    verbalizer = task.verbalizer_ids if text.task == "verbalizer" else None
+    info = DataInfo(task.num_classes, partial(text_examples, task=text.task), verbalizer)
+    split = task.dataset.train_test_split(test_size=test_fraction, seed=seed)
+    return split["train"], info.to_examples(split["test"]), info
 
 
 @lru_cache(maxsize=8)
 def load_federated_data(
-    dataset: str, num_partitions: int, partitioner: str, alpha: float, seed: int, test_fraction: float
+    dataset: str,
+    num_partitions: int,
+    partitioner: str,
+    alpha: float,
+    seed: int,
+    test_fraction: float,
+    text: TextSpec | None = None,
 ) -> FederatedData:
     """Load, split and partition a dataset (cached per process: nodes of one run share it)."""
-    train, test = load_train_test(dataset, seed, test_fraction)
+    train, test, info = load_train_test(dataset, seed, test_fraction, text)
     part = make_partitioner(partitioner, num_partitions, alpha, seed)
     part.dataset = train
-    return FederatedData(part, test, num_classes=NUM_CLASSES[dataset], to_examples=digits_examples)
+    return FederatedData(part, test, info)
 
 
-__all__ = ["DATASETS", "NUM_CLASSES", "Examples", "FederatedData", "PARTITIONERS", "load_federated_data", "load_train_test", "make_partitioner", "sample_batch"]
+__all__ = [
+    "DataInfo", "Examples", "FederatedData", "PARTITIONERS", "TextSpec",
+    "load_federated_data", "load_train_test", "make_partitioner", "sample_batch",
+]

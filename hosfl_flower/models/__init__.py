@@ -18,14 +18,29 @@ MODEL_BUILDERS: dict[str, Callable[..., SplitModel]] = {
 """Named model constructors: ``builder(cut_layer=..., num_classes=...) -> SplitModel``."""
 
 
-def build_split_model(name: str, cut_layer: int, num_classes: int, seed: int) -> SplitModel:
-    """Build a split model with initial weights determined by ``seed`` alone (every node builds the same)."""
-    if name not in MODEL_BUILDERS:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(sorted(MODEL_BUILDERS))}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = MODEL_BUILDERS[name](cut_layer=cut_layer, num_classes=num_classes)
-    return model.eval()
+def build_split_model(
+    name: str,
+    cut_layer: int,
+    num_classes: int,
+    seed: int,
+    task: str = "classification",
+    lora=None,
+    verbalizer_ids=None,
+) -> SplitModel:
+    """Build a split model with initial weights determined by ``seed`` alone (every node builds the same).
+
+    ``name`` is a vision model of :data:`MODEL_BUILDERS`, or else a Hugging Face model (a ``tiny-*``
+    configuration, a hub name or a local directory) split by :mod:`hosfl_flower.models.hf`, with
+    ``task``, optional ``lora`` (:class:`~hosfl_flower.models.hf.LoraSettings`) and ``verbalizer_ids``.
+    """
+    if name in MODEL_BUILDERS:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = MODEL_BUILDERS[name](cut_layer=cut_layer, num_classes=num_classes)
+        return model.eval()
+    from .hf import build_hf_split_model  # transformers is imported only for transformer runs
+
+    return build_hf_split_model(name, cut_layer, task, num_classes, seed, lora, verbalizer_ids)
 
 
 __all__ = [

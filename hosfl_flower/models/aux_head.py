@@ -9,7 +9,8 @@ AUX_HEADS = ("linear", "mlp")
 
 
 class AuxHead(nn.Module):
-    """Flatten ``z`` (mean over tokens for ``(B, T, H)`` activations), then a linear layer or a small MLP."""
+    """Flatten ``z`` (for ``(B, T, H)`` activations: the mean over the tokens the attention mask keeps),
+    then a linear layer or a small MLP."""
 
     def __init__(self, kind: str, in_features: int, num_classes: int, pool_tokens: bool = False) -> None:
         super().__init__()
@@ -21,9 +22,13 @@ class AuxHead(nn.Module):
         else:
             self.net = nn.Sequential(nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, num_classes))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        features = z.mean(dim=1) if self.pool_tokens else z.flatten(1)
-        return self.net(features)
+    def forward(self, z: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:  # noqa: D102
+        if not self.pool_tokens:
+            return self.net(z.flatten(1))
+        if attention_mask is None:
+            return self.net(z.mean(dim=1))
+        weights = attention_mask.to(z.dtype).unsqueeze(-1)
+        return self.net((z * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0))
 
 
 def build_aux_head(kind: str, smashed_example: torch.Tensor, num_classes: int, seed: int) -> AuxHead:

@@ -46,6 +46,10 @@ class SplitModel(nn.Module, ABC):
         """Mean loss of a batch (cross-entropy by default)."""
         return F.cross_entropy(logits, labels)
 
+    def count_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+        """``(correct, counted)`` predictions of a batch (argmax of each example's logits)."""
+        return int((logits.argmax(dim=-1) == labels).sum()), int(labels.shape[0])
+
     def client_parameters(self) -> list[nn.Parameter]:
         """``θ_c``: the client segment's trainable parameters (what zeroth-order steps perturb)."""
         return trainable_parameters(self.client)

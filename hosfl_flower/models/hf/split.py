@@ -131,6 +131,14 @@ class HFSplitModel(SplitModel):
         last = _select_rows(hidden, last_token_index(smashed["attention_mask"]))
         return self.server.lm_head(last)[:, self.verbalizer_ids]
 
+    def count_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+        """Classification: per example; ``causal-lm``: next-token predictions at non-ignored positions."""
+        if self.task != "causal-lm":
+            return super().count_correct(logits, labels)
+        predicted, target = logits[:, :-1].argmax(dim=-1), labels[:, 1:]
+        counted = target != -100
+        return int(((predicted == target) & counted).sum()), int(counted.sum())
+
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Cross-entropy; for ``causal-lm`` the library's shifted next-token loss (labels ``(B, T)``, -100 ignored)."""
         if self.task == "causal-lm":
