@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, parse_run_config_overrides
+from .config import OPTIONS, ConfigError, parse_run_config_overrides
 
 
 def _load_app(app: str, overrides: dict[str, Any]):
@@ -56,19 +56,37 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _read_overrides(item: str) -> dict[str, Any]:
+    """``key=value`` pairs, or the (flattened) tables of a ``.toml`` file of them."""
+    if item.endswith(".toml") and Path(item).is_file():
+        overrides = _flatten(tomllib.loads(Path(item).read_text()))
+        for key, value in overrides.items():
+            if key not in OPTIONS:
+                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(sorted(OPTIONS))}")
+        return overrides
+    return parse_run_config_overrides(item)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     parser = argparse.ArgumentParser(prog="flower-simulation", description=__doc__.splitlines()[0])
     parser.add_argument("--app", required=True, help="module path (hosfl_flower.app) or app directory")
     parser.add_argument("--num-supernodes", type=int, default=10, help="simulated nodes (default 10)")
-    parser.add_argument("--run-config", default="", help='overrides, e.g. "num-server-rounds=5 zo.mu=0.001"')
+    parser.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        help='overrides, e.g. "num-server-rounds=5 zo.mu=0.001", or a TOML file of them; repeatable (later wins)',
+    )
     parser.add_argument("--num-cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp actor")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be >= 1")
     try:
-        overrides = parse_run_config_overrides(args.run_config)
+        overrides: dict[str, Any] = {}
+        for item in args.run_config:
+            overrides.update(_read_overrides(item))
         server_app, client_app = _load_app(args.app, overrides)
     except ConfigError as error:
         print(f"flower-simulation: {error}", file=sys.stderr)

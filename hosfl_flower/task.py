@@ -17,7 +17,7 @@ def text_spec(config: Mapping[str, Any]) -> TextSpec | None:
     """The tokenisation settings of a text dataset (``None`` for digits)."""
     if config["dataset"] == "digits":
         return None
-    words = tuple(w.strip() for w in config["data.label-words"].split(",") if w.strip())
+    words = tuple(w for w in config["data.label-words"].split(",") if w.strip())  # spaces are part of a word
     return TextSpec(
         task=config["task"],
         max_length=config["max-length"],

@@ -52,3 +52,19 @@ def simulate(tmp_path):
         return process, results
 
     return _run
+
+
+@pytest.fixture
+def simulate_file(tmp_path):
+    """``flower-simulation --app hosfl_flower.app --run-config FILE --run-config OVERRIDES``."""
+
+    def _run(config_file: str, overrides: str, num_supernodes: int = 10):
+        results = tmp_path / "results"
+        process = run_simulation_cli(
+            ["--app", "hosfl_flower.app", "--num-supernodes", str(num_supernodes), "--run-config", config_file,
+             "--run-config", f"{overrides} results-dir='{results}'"]
+        )
+        assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+        return process, results
+
+    return _run

@@ -54,7 +54,7 @@ def test_splitfed_v1_equals_v2_with_one_client(simulate, tmp_path):
     finals = {}
     for version in ("v1", "v2"):
         _, results = simulate(
-            f"strategy='splitfed-{version}' num-server-rounds=3 clients-per-round=1 local-steps=2 eval-every=3",
+            f"strategy='splitfed-{version}' num-server-rounds=3 clients-per-round=1 splitfed.local-steps=2 eval-every=3",
             num_supernodes=2,
         )
         finals[version] = torch.load(results / "final-model.pt")

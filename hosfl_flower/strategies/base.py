@@ -112,6 +112,8 @@ class SplitStrategy(Strategy):
         self.rejections: Counter = Counter()
         self.results_dir = Path(self.cfg["results-dir"]) if self.cfg["results-dir"] else None
         self.expected_z_shape = self._smashed_shape()
+        self.timeout = float(self.cfg["round-timeout"])
+        self.train_config = ConfigRecord()
 
     # ------------------------------------------------------------------ hooks
     def sample_nodes(self, server_round: int, nodes: Sequence[NodeInfo]) -> list[NodeInfo]:

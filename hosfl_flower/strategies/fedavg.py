@@ -49,7 +49,7 @@ class AccountingGrid:
 
 
 class FedAvgBaseline:
-    """Flower's ``FedAvg`` with ``clients-per-round`` nodes, ``local-steps`` SGD steps at ``fo.lr``."""
+    """Flower's ``FedAvg`` with ``clients-per-round`` nodes, ``fedavg.local-steps`` SGD steps at ``fedavg.lr``."""
 
     name = "fedavg"
 
@@ -99,7 +99,7 @@ class FedAvgBaseline:
             initial_arrays=tensors_to_record(self.model.state_dict()),
             num_rounds=num_rounds,
             timeout=timeout or cfg["round-timeout"],
-            train_config=ConfigRecord({"local-steps": cfg["local-steps"], "lr": cfg["fo.lr"]}),
+            train_config=ConfigRecord({"local-steps": cfg["fedavg.local-steps"], "lr": cfg["fedavg.lr"]}),
             evaluate_fn=evaluate_fn,
         )
         self.model.load_state_dict(record_to_tensors(result.arrays))

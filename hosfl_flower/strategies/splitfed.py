@@ -1,7 +1,7 @@
 """SplitFed V1 and V2 (Thapa et al.; PROTOCOLS §3): first-order split learning with FedAvg of the
 client segments.
 
-A round is ``local-steps`` steps; a step is ``train.splitfed_smash`` (``z``, ``y`` up), a server step
+A round is ``splitfed.local-steps`` steps; a step is ``train.splitfed_smash`` (``z``, ``y`` up), a server step
 per client, ``train.splitfed_grad`` (``λ`` down; the client backpropagates ``z.backward(λ)`` and steps).
 After the last step the nodes return their client segments, which are averaged by examples.
 V2 steps one server model on the clients in sequence; V1 steps one server copy per client (in
@@ -55,7 +55,7 @@ class SplitFedV2Strategy(SplitStrategy):
 
     # ------------------------------------------------------------------ the round
     def run_round(self, grid: Grid, server_round: int, account: RoundAccount) -> dict[str, Any]:
-        steps = self.cfg["local-steps"]
+        steps = self.cfg["splitfed.local-steps"]
         messages = self.configure_train(server_round, None, None, grid)
         active = list(self._round["nodes"])
         self.begin_round(active)
@@ -81,7 +81,7 @@ class SplitFedV2Strategy(SplitStrategy):
                     server_round,
                     {
                         "activation-grad": tensors_to_record({"z": result.activation_grads[0]}),
-                        "step": ConfigRecord({"step": step, "lr": self.cfg["fo.lr"], "last": last}),
+                        "step": ConfigRecord({"step": step, "lr": self.cfg["splitfed.lr"], "last": last}),
                     },
                 )
                 for (node, _, _, _), result in zip(kept, results)
