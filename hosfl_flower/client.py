@@ -344,6 +344,7 @@ class HOSFLClient(NumPyClient):
 
     def fit(self, parameters, config):
         """First-order local training of the whole model: ``local-steps`` SGD steps at ``lr``."""
+        start = time.perf_counter()
         self.set_parameters(parameters)
         steps, lr = int(config.get("local-steps", 1)), float(config.get("lr", 0.05))
         server_round = int(config.get("server-round", 0))
@@ -358,7 +359,8 @@ class HOSFLClient(NumPyClient):
             optimizer.step()
             total += float(loss)
         self.model.eval()
-        return self.get_parameters({}), len(self.train), {"train-loss": total / max(steps, 1)}
+        metrics = {"train-loss": total / max(steps, 1), "compute-seconds": time.perf_counter() - start}
+        return self.get_parameters({}), len(self.train), metrics
 
     def evaluate(self, parameters, config):
         """Loss and accuracy of the whole model on this node's data."""

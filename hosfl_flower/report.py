@@ -126,18 +126,17 @@ def _plot(out: Path, summaries: Sequence[StrategySummary]) -> list[tuple[str, st
     plt.close(fig)
     made.append(("accuracy_vs_bytes.png", "accuracy vs cumulative bytes"))
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    bottoms = [0.0] * len(summaries)
-    names = [s.strategy for s in summaries]
-    for category in CATEGORIES:
-        values = [s.total(f"bytes.{category}") for s in summaries]
-        if any(values):
-            ax.bar(names, values, bottom=bottoms, label=category)
-            bottoms = [b + v for b, v in zip(bottoms, values)]
-    ax.set_yscale("symlog")
-    ax.set(ylabel="bytes (total over the run)", title="Bytes per category")
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.8 / max(len(summaries), 1)
+    for index, s in enumerate(summaries):
+        values = [s.total(f"bytes.{category}") for category in CATEGORIES]
+        positions = [c + index * width for c in range(len(CATEGORIES))]
+        ax.bar(positions, values, width=width, label=s.strategy)
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(len(CATEGORIES))], CATEGORIES, rotation=25, ha="right")
+    ax.set_yscale("log")
+    ax.set(ylabel="bytes over the run (log scale)", title="Bytes per category")
+    ax.grid(alpha=0.3, axis="y", which="both")
     ax.legend(fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(out / "bytes_per_category.png", dpi=120)
     plt.close(fig)

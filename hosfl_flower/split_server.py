@@ -190,6 +190,7 @@ class RaySplitServer:
         optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())  # as the ServerApp's (torch-threads)
         self._template, self._kwargs = model, dict(optimizer_kwargs)
         self._actor = actor_class.remote(model, **optimizer_kwargs)
+        self._pool: list[RaySplitServer] = []
 
     def step(self, batches, weights) -> StepResult:
         return self._ray.get(self._actor.step.remote(list(batches), list(weights)))
@@ -210,21 +211,27 @@ class RaySplitServer:
         self._ray.get(self._actor.load_state.remote(state))
 
     def copies(self, count: int) -> list["RaySplitServer"]:
-        """``count`` copies, each its own Ray actor, so SplitFed V1 steps them in parallel."""
-        state = self.state()
-        result = []
-        for _ in range(count):
-            twin = RaySplitServer(self._template, **self._kwargs)
-            twin.load_state(state)
-            result.append(twin)
-        return result
+        """``count`` copies, each its own Ray actor, so SplitFed V1 steps them in parallel.
+
+        The actors are pooled: a later call reuses them (loading the current state) instead of
+        starting new worker processes every round.
+        """
+        state = self._ray.put(self.state())
+        while len(self._pool) < count:
+            self._pool.append(RaySplitServer(self._template, **self._kwargs))
+        copies = self._pool[:count]
+        self._ray.get([twin._actor.load_state.remote(state) for twin in copies])
+        return copies
 
     def step_async(self, batches, weights):
         """Start :meth:`step` and return a Ray object reference."""
         return self._actor.step.remote(list(batches), list(weights))
 
     def close(self) -> None:
-        """Stop the actor."""
+        """Stop the actor and its pooled copies."""
+        for twin in self._pool:
+            twin.close()
+        self._pool = []
         self._ray.kill(self._actor)
 
 

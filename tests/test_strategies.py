@@ -3,6 +3,7 @@ model, data, partition and seed; SplitFed V1 and V2 agree with one client; HERON
 smashed batch every k local steps."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,24 +15,27 @@ def _rows(results):
     return [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()]
 
 
-# (strategy, extra run config, rounds, bar): bars are set below the accuracies measured with these
-# settings (seed 0, 10 nodes, 3 per round, batch 32); chance is 0.10.
+# (strategy, extra run config, rounds, bar): bars sit below the accuracies measured with these settings
+# (seed 0, 10 nodes, 3 per round, batch 32, IID; chance is 0.10): splitfed-v2 0.775 at 25 rounds,
+# splitfed-v1 0.844 at 50, fedavg 0.964 at 50, heron-sfl 0.867 at 25, zo-sfl 0.30 at 300 (test loss
+# 2.310 -> 2.213). HO-SFL's own bar is in test_learning.py (0.93 at 200 rounds, bit-identical in Flower).
 LEARNING = [
-    ("splitfed-v2", "", 60, 0.85),
-    ("splitfed-v1", "split-server.placement='ray'", 60, 0.85),
-    ("fedavg", "", 60, 0.50),
-    ("heron-sfl", "", 60, 0.50),
-    ("zo-sfl", "", 60, 0.20),
+    ("splitfed-v2", "", 25, 0.65),
+    ("splitfed-v1", "split-server.placement='ray'", 50, 0.70),
+    ("fedavg", "", 50, 0.85),
+    ("heron-sfl", "", 25, 0.70),
+    ("zo-sfl", "", 300, 0.20),
 ]
 
 
 @pytest.mark.parametrize("strategy,extra,rounds,bar", LEARNING, ids=[s for s, *_ in LEARNING])
 def test_strategy_learns_digits(simulate, strategy, extra, rounds, bar):
-    _, results = simulate(f"strategy='{strategy}' num-server-rounds={rounds} eval-every={rounds // 4} {extra}")
+    _, results = simulate(f"strategy='{strategy}' num-server-rounds={rounds} eval-every={rounds // 2} {extra}")
     rows = _rows(results)
     assert len(rows) == rounds
-    final = rows[-1]["accuracy"]
-    assert final >= bar, [row.get("accuracy") for row in rows]
+    evaluated = [row for row in rows if "accuracy" in row]
+    assert evaluated[-1]["accuracy"] >= bar, [row["accuracy"] for row in evaluated]
+    assert evaluated[-1]["loss"] < math.log(10) - 0.05, [row["loss"] for row in evaluated]  # below a uniform guess
     summary = json.loads((results / "summary.json").read_text())
     assert summary["strategy"] == strategy
 

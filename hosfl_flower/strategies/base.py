@@ -49,11 +49,14 @@ def error_text(reply: Message) -> str:
 
 
 def meta_seconds(reply: Message) -> float:
-    """The ``compute-seconds`` a client reported in its ``meta`` record (0 when absent)."""
+    """The ``compute-seconds`` a client reported in its ``meta`` (or ``metrics``) record; 0 when absent."""
+    if reply.has_error():
+        return 0.0
     for records in (reply.content.metric_records, reply.content.config_records):
-        meta = records.get("meta")
-        if meta is not None and "compute-seconds" in meta:
-            return float(meta["compute-seconds"])
+        for name in ("meta", "metrics"):
+            meta = records.get(name)
+            if meta is not None and isinstance(meta.get("compute-seconds"), (int, float)):
+                return float(meta["compute-seconds"])
     return 0.0
 
 
@@ -219,6 +222,8 @@ class SplitStrategy(Strategy):
         self.sync_server_weights()
         result.arrays = tensors_to_record(self.model.state_dict())
         recorder.finish(self.model, self.cfg, final)
+        if isinstance(self._split_server, RaySplitServer):
+            self._split_server.close()
         return result
 
     def finish(self, grid: Grid) -> dict[str, Any]:

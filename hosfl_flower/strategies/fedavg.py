@@ -24,6 +24,7 @@ from ..evaluation import evaluate_model
 from ..models import SplitModel
 from ..recording import RunRecorder
 from ..records import record_to_tensors, tensors_to_record
+from .base import meta_seconds
 
 
 class AccountingGrid:
@@ -40,6 +41,7 @@ class AccountingGrid:
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for reply in replies:
             self.account.count(reply, "up")
+            self.account.client_seconds += meta_seconds(reply)
         if messages:
             self.account.round_trips += 1
         return replies

@@ -151,7 +151,4 @@ class SplitFedV1Strategy(SplitFedV2Strategy):
         if finished:
             states = [self._copies[node.node_id].state() for node in finished]
             self.split_server.load_state(average_states(states, weights))
-        for server in self._copies.values():
-            if hasattr(server, "close"):
-                server.close()
         self._copies = {}
