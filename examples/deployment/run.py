@@ -132,20 +132,23 @@ def make_certificates(directory: Path) -> Certificates:
 
 
 # --------------------------------------------------------------------------- processes
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """``(state, parent pid)`` of a process, or ``None`` if it is gone."""
+FLOWER_PROCESSES = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """``(state, parent pid, start time)`` of a process, or ``None`` if it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
-    return fields[0], int(fields[1])
+    return fields[0], int(fields[1]), int(fields[19])
 
 
-def is_alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
+def _started(pid: int) -> int | None:
+    """The start time of a live (not zombie) process: with the PID, it names the process uniquely."""
     stat = _proc_stat(pid)
-    return stat is not None and stat[0] not in ("Z", "X")
+    return stat[2] if stat is not None and stat[0] not in ("Z", "X") else None
 
 
 def cmdline(pid: int) -> str:
@@ -156,26 +159,45 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def descendants(roots: Iterable[int]) -> dict[int, str]:
-    """Every live descendant of ``roots``, with its command line."""
+def _all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def descendants(roots: Iterable[int]) -> dict[int, int]:
+    """Every live descendant of ``roots``, with its start time."""
     children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _proc_stat(int(entry.name))
-            if stat is not None:
-                children.setdefault(stat[1], []).append(int(entry.name))
-    found: dict[int, str] = {}
+    for pid in _all_pids():
+        stat = _proc_stat(pid)
+        if stat is not None:
+            children.setdefault(stat[1], []).append(pid)
+    found: dict[int, int] = {}
     stack = list(roots)
     while stack:
         for child in children.get(stack.pop(), []):
-            if child not in found and is_alive(child):
-                found[child] = cmdline(child)
+            started = _started(child)
+            if child not in found and started is not None:
+                found[child] = started
                 stack.append(child)
     return found
 
 
+def flower_processes(needles: Iterable[str]) -> dict[int, str]:
+    """Live Flower daemons and apps whose command line contains one of ``needles``."""
+    needles = [n for n in needles if n]
+    found = {}
+    for pid in _all_pids():
+        cmd = cmdline(pid)
+        if _started(pid) is not None and any(name in cmd for name in FLOWER_PROCESSES) and any(n in cmd for n in needles):
+            found[pid] = cmd
+    return found
+
+
 class ProcessGroup:
-    """Long-running processes started here, each logging to its own file, stopped together by PID."""
+    """Long-running processes started here, each logging to its own file, stopped together by PID.
+
+    Their descendants (``flower-superexec`` and the ``flwr-serverapp`` / ``flwr-clientapp``
+    processes it starts) are recorded whenever the group is checked, and stopped too.
+    """
 
     def __init__(self, log_dir: Path, env: Mapping[str, str], cwd: Path) -> None:
         self.log_dir = log_dir
@@ -184,7 +206,7 @@ class ProcessGroup:
         self.processes: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, Path] = {}
         self._handles: list[IO[bytes]] = []
-        self._known: dict[int, str] = {}
+        self._known: dict[int, int] = {}  # pid -> start time
 
     def start(self, name: str, command: Sequence[str], log: Path | None = None) -> subprocess.Popen:
         """Start ``command`` with stdout and stderr in ``log`` (default ``<log dir>/<name>.log``)."""
@@ -198,56 +220,55 @@ class ProcessGroup:
         )
         self.processes[name] = process
         self.logs[name] = log
-        self._known[process.pid] = cmdline(process.pid)
         return process
 
     def check_running(self, ignore: Iterable[str] = ()) -> None:
-        """Raise :class:`DeploymentError` if a process (not in ``ignore``) has exited; remember children."""
-        self.remember_children()
+        """Raise :class:`DeploymentError` if a process (not in ``ignore``) has exited; record descendants."""
+        self.remember_descendants()
         for name, process in self.processes.items():
             if name not in ignore and process.poll() is not None:
                 raise DeploymentError(f"{name} exited with code {process.returncode}; see {self.logs[name]}")
 
-    def remember_children(self) -> None:
-        """Record the current children (e.g. ``flower-superexec``) so that they are stopped too."""
+    def remember_descendants(self) -> None:
+        """Record the current descendants so that they are stopped too."""
         self._known.update(descendants(p.pid for p in self.processes.values() if p.poll() is None))
 
-    def all_pids(self) -> dict[int, str]:
-        """Every process started here or seen as a descendant, still alive, with its command line."""
-        self.remember_children()
-        return {pid: cmd for pid, cmd in self._known.items() if is_alive(pid) and cmdline(pid) == cmd}
+    def alive(self) -> list[int]:
+        """PIDs of the processes started here, and of recorded descendants, that are still running."""
+        running = [p.pid for p in self.processes.values() if p.poll() is None]
+        return running + [pid for pid, started in self._known.items() if _started(pid) == started]
 
-    def stop(self, timeout: float = 20.0) -> list[int]:
-        """SIGTERM the daemons, then their descendants, then SIGKILL what is left; return survivors."""
-        targets = self.all_pids()
+    def stop(self, strays: Iterable[str] = (), timeout: float = 20.0) -> list[int]:
+        """Stop everything by PID; return the PIDs still running (empty on success).
+
+        SIGTERM to the processes started here, then to their descendants, then SIGKILL. Last, Flower
+        processes whose command line contains one of ``strays`` (e.g. the work dir or a port) and
+        that were not recorded, such as children orphaned during shutdown, are killed too.
+        """
+        self.remember_descendants()
         for process in self.processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        self._wait(targets, timeout / 2)
-        for pid in self._alive(targets):
+        self._wait(timeout / 2)
+        for pid in self.alive():
             _signal(pid, signal.SIGTERM)
-        self._wait(targets, timeout / 2)
-        for pid in self._alive(targets):
+        self._wait(timeout / 2)
+        for pid in self.alive():
             _signal(pid, signal.SIGKILL)
-        self._wait(targets, 5.0)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=1.0)
-            except subprocess.TimeoutExpired:
-                pass
+        self._wait(5.0)
+        strays = list(strays)
+        for pid in flower_processes(strays):
+            _signal(pid, signal.SIGKILL)
         for handle in self._handles:
             handle.close()
-        return self._alive(targets)
+        deadline = time.monotonic() + 5.0
+        while (self.alive() or flower_processes(strays)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return sorted(set(self.alive()) | set(flower_processes(strays)))
 
-    @staticmethod
-    def _alive(targets: Mapping[int, str]) -> list[int]:
-        return [pid for pid, cmd in targets.items() if is_alive(pid) and cmdline(pid) == cmd]
-
-    def _wait(self, targets: Mapping[int, str], timeout: float) -> None:
+    def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        while self._alive(targets) and time.monotonic() < deadline:
-            for process in self.processes.values():
-                process.poll()  # reap direct children so they stop counting as alive
+        while self.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
 
 
@@ -329,7 +350,7 @@ def wait_for_run(
     record: dict[str, Any] = {}
     next_poll = time.monotonic() + 30.0
     while True:
-        group.check_running(ignore=[f"run-{run_id}"])
+        group.check_running(ignore=[f"run-{run_id}", "flwr-run"])
         if stream.poll() is not None or time.monotonic() >= next_poll:
             listed = flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
             runs = _json_payload(listed.stdout).get("runs", []) if listed.returncode == 0 else []
@@ -359,7 +380,7 @@ def run_deployment(
 
     The returned dict has ``run`` (the ``flwr ls`` record; ``run["status"]`` is e.g.
     ``finished:completed``), ``results_dir`` (where the app's ``results-dir`` points, if it has
-    that key), ``work_dir``, ``logs`` (name -> log file) and ``leftover_pids`` (always empty
+    that key), ``work_dir``, ``logs`` (name -> log file), ``ports`` and ``leftover_pids`` (empty
     unless stopping failed, which raises). ``min-nodes`` and ``results-dir`` default to
     ``num_supernodes`` and ``<work_dir>/results`` when the app has those keys; ``run_config`` wins.
     """
@@ -405,8 +426,13 @@ def run_deployment(
     results_dir = (work / results).resolve() if results else None  # relative: against the SuperLink's cwd
 
     group = ProcessGroup(log_dir, env, cwd=work)
-    outcome: dict[str, Any] = {"work_dir": str(work), "results_dir": str(results_dir) if results_dir else None,
-                               "logs": group.logs, "tls": tls}
+    outcome: dict[str, Any] = {
+        "work_dir": str(work),
+        "results_dir": str(results_dir) if results_dir else None,
+        "logs": group.logs,
+        "ports": {"superlink": link_port, "supernodes": node_ports},
+        "tls": tls,
+    }
 
     def flwr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -428,18 +454,23 @@ def run_deployment(
                  "--host", HOST, "--port", str(port),
                  "--node-config", f"partition-id={index} num-partitions={num_supernodes}"],
             )
-        for index, port in enumerate(node_ports):
-            wait_for_port(port, group.processes[f"supernode-{index}"], f"flower-supernode {index}")
-        say(f"{num_supernodes} SuperNodes on ports {', '.join(map(str, node_ports))}")
-
+        # Submit while the SuperNodes start: the ServerApp waits for them (min-nodes).
         merged = {**defaults, **overrides}
-        command = ["run", str(app), CONNECTION, "--format", "json"]
+        command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--format", "json"]
         if merged:
             command += ["-c", format_run_config(merged)]
-        submitted = flwr(*command)
-        payload = _json_payload(submitted.stdout)
+        submit = group.start("flwr-run", command)
+        for index, port in enumerate(node_ports):
+            wait_for_port(port, group.processes[f"supernode-{index}"], f"flower-supernode {index}")
+        say(f"{num_supernodes} SuperNode{'s' * (num_supernodes != 1)} on ports {', '.join(map(str, node_ports))}")
+        try:
+            submit.wait(timeout=180)
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"flwr run did not return within 180s; see {group.logs['flwr-run']}") from None
+        submitted = group.logs["flwr-run"].read_text()
+        payload = _json_payload(submitted[submitted.index("\n"):])
         if not payload.get("success"):
-            raise DeploymentError(f"flwr run failed: {submitted.stdout[-3000:]}{submitted.stderr[-3000:]}")
+            raise DeploymentError(f"flwr run failed: {payload.get('error-message', submitted[-3000:])}")
         run_id = str(payload["run-id"])
         outcome["run_id"] = run_id
         say(f"submitted run {run_id}")
@@ -449,12 +480,16 @@ def run_deployment(
         details = record.get("status-details") or ""
         say(f"run {run_id}: {record.get('status')}" + (f" ({details})" if details not in ("", "N/A") else ""))
     finally:
-        leftover = group.stop()
+        leftover = group.stop(strays=[str(work), *(f"{HOST}:{port}" for port in [link_port, *node_ports])])
         outcome["leftover_pids"] = leftover
         if leftover:
             raise DeploymentError(f"processes still running after stop: {leftover}")
         say(f"stopped {len(group.processes)} processes and their children; logs in {log_dir}")
     return outcome
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -470,6 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the run (default 900)")
     args = parser.parse_args(argv)
     ports = [int(p) for p in args.supernode_ports.split(",")] if args.supernode_ports else None
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that the clean-up in run_deployment runs
     try:
         outcome = run_deployment(
             num_supernodes=args.num_supernodes,
@@ -486,7 +522,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     status = outcome["run"].get("status", "")
     print(f"[deployment] final status: {status}")
-    if outcome["results_dir"]:
+    if outcome["results_dir"] and Path(outcome["results_dir"]).is_dir():
         print(f"[deployment] results: {outcome['results_dir']}")
     print(f"[deployment] logs: {Path(outcome['work_dir']) / 'logs'}")
     return 0 if status == "finished:completed" else 1
