@@ -10,15 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache, partial
+from typing import TYPE_CHECKING
 
-import datasets
-from datasets import Dataset
-from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, Partitioner
-
-from .digits import digits_dataset, digits_examples
 from .examples import Examples, sample_batch
 
-datasets.disable_progress_bars()
+if TYPE_CHECKING:  # imported lazily: each deployment ClientApp process pays for its imports
+    from datasets import Dataset
+    from flwr_datasets.partitioner import Partitioner
 
 PARTITIONERS = ("iid", "dirichlet")
 
@@ -73,6 +71,8 @@ class FederatedData:
 
 def make_partitioner(name: str, num_partitions: int, alpha: float, seed: int) -> Partitioner:
     """An ``flwr-datasets`` partitioner by name: ``iid`` or ``dirichlet`` (by label, concentration ``alpha``)."""
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
     if name == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if name == "dirichlet":
@@ -87,7 +87,12 @@ def load_train_test(
     dataset: str, seed: int, test_fraction: float, text: TextSpec | None = None
 ) -> tuple[Dataset, Examples, DataInfo]:
     """The training split (a ``datasets.Dataset``), the held-out test examples and :class:`DataInfo` (cached)."""
+    import datasets
+
+    datasets.disable_progress_bars()
     if dataset == "digits":
+        from .digits import digits_dataset, digits_examples
+
         split = digits_dataset().train_test_split(test_size=test_fraction, seed=seed)
         return split["train"], digits_examples(split["test"]), DataInfo(10, digits_examples)
     from .text import load_text_task, sentiment_task, text_examples

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from datasets import Dataset
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 from .examples import Examples
 
 
 def digits_dataset() -> Dataset:
     """The digits images as a Hugging Face ``Dataset`` with columns ``image`` (64 floats in [0, 1]) and ``label``."""
+    from datasets import Dataset
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
