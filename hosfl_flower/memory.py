@@ -225,14 +225,6 @@ def _dot64(a: Any, b: Any, chunk: int = 1 << 16) -> float:
     return sum(float(a[i : i + chunk].double().dot(b[i : i + chunk].double())) for i in range(0, a.numel(), chunk))
 
 
-def _setting(cfg: Mapping[str, Any], *keys: str) -> Any:
-    """The value of the first of ``keys`` the run config has (keys renamed across versions)."""
-    for key in keys:
-        if key in cfg:
-            return cfg[key]
-    raise KeyError(keys[0])
-
-
 def build_case(
     method: str, run_config: Mapping[str, Any], num_partitions: int = 1, device: str = "cpu"
 ) -> tuple[Callable[[], Any], dict[str, Any]]:
@@ -311,7 +303,7 @@ def build_case(
             return kept
 
     elif method == "splitfed":
-        splitfed_lr = _setting(cfg, "splitfed.lr", "fo.lr")
+        splitfed_lr = cfg["splitfed.lr"]
 
         def step() -> Any:
             client = new_client()
@@ -350,7 +342,7 @@ def build_case(
 
     else:  # fedavg
         whole = [array.copy() for array in new_client().get_parameters({})]
-        fit_config = {"local-steps": 1, "lr": _setting(cfg, "fedavg.lr", "fo.lr"), "server-round": server_round}
+        fit_config = {"local-steps": 1, "lr": cfg["fedavg.lr"], "server-round": server_round}
 
         def step() -> Any:
             return new_client().fit([array.copy() for array in whole], fit_config)
