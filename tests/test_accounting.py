@@ -62,14 +62,13 @@ def _hosfl_aggregation_bytes(model: SplitCNN) -> int:
 
 
 def test_hosfl_aggregation_is_dimension_free_and_fedavg_is_not():
-    small, large = SplitCNN(cut_layer=2, width=8), SplitCNN(cut_layer=2, width=80)
-    d_small = sum(p.numel() for p in small.client_parameters())
-    d_large = sum(p.numel() for p in large.client_parameters())
-    assert d_large >= 90 * d_small
+    small, large = SplitCNN(cut_layer=2, width=8), SplitCNN(cut_layer=2, width=128)
+    sizes = {m: (sum(p.numel() for p in m.client_parameters()), sum(p.numel() for p in m.parameters())) for m in (small, large)}
+    assert sizes[large][0] >= 100 * sizes[small][0] and sizes[large][1] >= 100 * sizes[small][1]
     hosfl = [_hosfl_aggregation_bytes(m) for m in (small, large)]
     assert hosfl[0] == hosfl[1] and 0 < hosfl[0] < 500
     # FedAvg and SplitFed move the model (FedAvg: whole, SplitFed: client segment) down and up
     fedavg = [2 * record_bytes(tensors_to_record(m.state_dict())) for m in (small, large)]
     splitfed = [2 * record_bytes(tensors_to_record(m.client_state())) for m in (small, large)]
-    assert fedavg[1] >= 30 * fedavg[0] and splitfed[1] >= 80 * splitfed[0]
+    assert fedavg[1] >= 95 * fedavg[0] and splitfed[1] >= 95 * splitfed[0]
     assert splitfed[0] > 10 * hosfl[0]
