@@ -165,6 +165,18 @@ class HOSFLClient(NumPyClient):
             self.persist(optimizer, applied)
         return optimizer, applied
 
+    def draw_batch(self, server_round: int, step: int | None = None) -> Examples:
+        """This node's minibatch of a round (and local step): the same on every run with the same seed."""
+        parts = (server_round,) if step is None else (server_round, step)
+        return sample_batch(self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, *parts)
+
+    def _catch_up_and_smash(
+        self, server_round: int, entries, from_round: int, replacement, replacement_round: int
+    ) -> tuple[int, Examples, dict[str, torch.Tensor]]:
+        _, applied = self.catch_up(entries, from_round, replacement, replacement_round)
+        batch = self.draw_batch(server_round)
+        return applied, batch, self.model.smash(batch.inputs)
+
     # ----------------------------------------------------------------- HO-SFL protocol
     @torch.no_grad()
     def smash(
@@ -177,9 +189,7 @@ class HOSFLClient(NumPyClient):
     ) -> SmashResult:
         """Catch up, draw this round's minibatch, and return ``z = f_c(x)`` computed without gradients."""
         start = time.perf_counter()
-        _, applied = self.catch_up(entries, from_round, replacement, replacement_round)
-        batch = sample_batch(self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round)
-        smashed = self.model.smash(batch.inputs)
+        applied, batch, smashed = self._catch_up_and_smash(server_round, entries, from_round, replacement, replacement_round)
         self.state[STATE_PROBE] = tensors_to_record(
             {**{f"input.{k}": v for k, v in batch.inputs.items()}, "z": smashed["z"]}
         )
@@ -219,9 +229,7 @@ class HOSFLClient(NumPyClient):
     ) -> SmashResult:
         """ZO-SFL: catch up, then ``z`` at ``θ_c`` and ``z̃_p`` at ``θ_c + μ u_p`` for each seed."""
         start = time.perf_counter()
-        _, applied = self.catch_up(entries, from_round, replacement, replacement_round)
-        batch = sample_batch(self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round)
-        smashed = self.model.smash(batch.inputs)
+        applied, batch, smashed = self._catch_up_and_smash(server_round, entries, from_round, replacement, replacement_round)
         fp = fingerprint(self.model.client_parameters())
         params = self.model.client_parameters()
         perturbed = []
@@ -262,9 +270,7 @@ class HOSFLClient(NumPyClient):
         self._load_splitfed_weights(weights)
         if weights is not None:
             self.state[STATE_SPLITFED] = tensors_to_record(self.model.client_state())
-        batch = sample_batch(
-            self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round, step
-        )
+        batch = self.draw_batch(server_round, step)
         smashed = self.model.smash(batch.inputs)
         self.state[STATE_SPLITFED_BATCH] = tensors_to_record({f"input.{k}": v for k, v in batch.inputs.items()})
         self.state[STATE_SPLITFED_BATCH + ".step"] = ConfigRecord({"round": int(server_round), "step": int(step)})
@@ -313,9 +319,7 @@ class HOSFLClient(NumPyClient):
         kept = []
         with torch.no_grad():
             for step in range(steps):
-                batch = sample_batch(
-                    self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round, step
-                )
+                batch = self.draw_batch(server_round, step)
                 smashed = self.model.smash(batch.inputs)
                 mask = batch.inputs.get("attention_mask")
                 loss0 = float(self.model.loss(head(smashed["z"], mask), batch.labels))
@@ -352,7 +356,7 @@ class HOSFLClient(NumPyClient):
         self.model.train()
         total = 0.0
         for step in range(steps):
-            batch = sample_batch(self.train, self.settings.batch_size, self.settings.seed, self.settings.partition_id, server_round, step)
+            batch = self.draw_batch(server_round, step)
             optimizer.zero_grad(set_to_none=True)
             loss = self.model.loss(self.model(batch.inputs), batch.labels)
             loss.backward()
