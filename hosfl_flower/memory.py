@@ -45,10 +45,11 @@ METHODS = ("inference", "hosfl", "heron-sfl", "splitfed", "zo-sfl", "fedavg")
 """Methods whose client step can be measured (each is a strategy's client work)."""
 
 LEAN_METHOD = "hosfl-lean"
-"""HO-SFL's client arithmetic without the copies :class:`~hosfl_flower.client.HOSFLClient` makes: the
-smashed batch kept as tensors, ``⟨λ, z⟩`` folded into one float64 scalar when ``λ`` arrives (so ``z``
-is freed), each probe's ``z̃`` freed before the next forward. It measures the floor a leaner client
-would reach; it is not what the package's client does."""
+"""HO-SFL's client arithmetic with no node state at all: ``θ_c`` replayed in the model, the smashed
+batch kept as tensors, ``⟨λ, z⟩`` folded into one float64 scalar when ``λ`` arrives (so ``z`` is
+freed), each probe's ``z̃`` freed before the next forward. It is the floor of any client that must
+receive ``λ``; :class:`~hosfl_flower.client.HOSFLClient` does the same arithmetic and in addition keeps
+its weights and the smashed batch in Flower records of the node state."""
 
 ALL_METHODS = (*METHODS, LEAN_METHOD)
 
@@ -219,12 +220,6 @@ def _on_device(model: Any, device: Any) -> None:
     model.head = lambda smashed: head(to(smashed, device)).to("cpu")
 
 
-def _dot64(a: Any, b: Any, chunk: int = 1 << 16) -> float:
-    """``⟨a, b⟩`` with float64 products and sum, in chunks (no full-size temporaries)."""
-    a, b = a.reshape(-1), b.reshape(-1)
-    return sum(float(a[i : i + chunk].double().dot(b[i : i + chunk].double())) for i in range(0, a.numel(), chunk))
-
-
 def build_case(
     method: str, run_config: Mapping[str, Any], num_partitions: int = 1, device: str = "cpu"
 ) -> tuple[Callable[[], Any], dict[str, Any]]:
@@ -241,7 +236,7 @@ def build_case(
     from .models.aux_head import build_aux_head
     from .schedule import RoundSchedule
     from .task import client_task
-    from .zo import SGD, LedgerEntry, perturb_, replay
+    from .zo import SGD, LedgerEntry, dot64, hybrid_probe_scalars, replay
 
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(ALL_METHODS)}")
@@ -327,18 +322,9 @@ def build_case(
                 inputs = sample_batch(train, batch_size, seed, 0, server_round).inputs
                 z = model.smash(inputs)["z"]  # sent; kept until λ arrives
                 lam = lam_received.clone()
-                anchor = _dot64(lam, z)
+                anchor = dot64(lam, z)
                 del z
-                scalars = []
-                for probe_seed in seeds:
-                    perturb_(params, probe_seed, mu)
-                    try:
-                        perturbed = model.smash(inputs)["z"]
-                    finally:
-                        perturb_(params, probe_seed, -mu)
-                    scalars.append(_dot64(lam, perturbed) - anchor)
-                    del perturbed
-                return scalars
+                return hybrid_probe_scalars(lambda: model.smash(inputs)["z"], params, anchor, lam, seeds, mu)
 
     else:  # fedavg
         whole = [array.copy() for array in new_client().get_parameters({})]

@@ -171,3 +171,146 @@ def test_coefficients_follow_the_estimator_normalisation():
     entry = LedgerEntry(1, (1, 2), (0.5, -1.0), 0.1, 1e-3)
     assert entry.coefficients() == [0.5 / 2e-3, -1.0 / 2e-3]
     assert math.isclose(sum(entry.coefficients()), -250.0)
+
+
+# --------------------------------------------------------------------------- reused generator and scratch
+def fresh_direction(seed, index, shape):
+    """The contract (PROTOCOLS §5), spelled out: a new CPU generator seeded with mix_seed(seed, index)."""
+    from hosfl_flower.zo import mix_seed
+
+    return torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, index)), dtype=torch.float32)
+
+
+SHAPES = [(1,), (7,), (15,), (16,), (17,), (3, 5), (16, 1, 3, 3), (33, 31), (1 << 16,), ((1 << 16) + 3,), (300, 301)]
+
+
+def test_reused_generator_and_scratch_draw_the_contract_stream():
+    """Directions drawn by the reused, re-seeded generator (and into the reused buffer) equal fresh ones,
+    whatever was drawn before them in the thread (large, small, other seeds) and in any order."""
+    from hosfl_flower.zo import transient_direction
+
+    order = [(seed, index, shape) for seed in (0, 5, 2**62 + 3) for index, shape in enumerate(SHAPES)]
+    for seed, index, shape in order + order[::-1]:
+        like = torch.empty(shape)
+        expected = fresh_direction(seed, index, shape)
+        assert torch.equal(direction(seed, index, like), expected)
+        assert torch.equal(transient_direction(seed, index, like), expected)
+    # a later draw may reuse the buffer of a transient one, never of an owned one
+    owned = direction(3, 0, torch.empty(4, 4))
+    transient_direction(4, 0, torch.empty(4, 4))
+    assert torch.equal(owned, fresh_direction(3, 0, (4, 4)))
+    # other dtypes get the float32 stream converted, as before
+    assert torch.equal(transient_direction(9, 1, torch.empty(5, dtype=torch.float64)), fresh_direction(9, 1, (5,)).double())
+
+
+def test_directions_in_another_thread_follow_the_contract():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hosfl_flower.zo import transient_direction
+
+    def draw(seed):
+        return [transient_direction(seed, i, torch.empty(s)).clone() for i, s in enumerate(SHAPES)]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(draw, range(6)))
+    for seed, drawn in enumerate(results):
+        assert all(torch.equal(u, fresh_direction(seed, i, s)) for i, (u, s) in enumerate(zip(drawn, SHAPES)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_perturb_and_replay_equal_the_fresh_generator_formula(dtype):
+    """perturb_ and apply_entry are bit-identical to the same arithmetic with one fresh generator per draw."""
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i), dtype=dtype) for i, s in enumerate(SHAPES[:9])]
+    expected = [p.clone() for p in params]
+    perturb_(params, 11, 1e-3, first_index=2)
+    for i, p in enumerate(expected):
+        p.add_(fresh_direction(11, i + 2, p.shape).to(dtype), alpha=1e-3)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))
+
+    entry = LedgerEntry(1, (5, 6, 7), (0.2, -0.1, 0.05), 0.01, 1e-3)
+    apply_entry(params, SGD(), entry)
+    for i, p in enumerate(expected):
+        grad = torch.zeros_like(p)
+        for seed, c in zip(entry.seeds, entry.coefficients()):
+            grad.add_(fresh_direction(seed, i, p.shape).to(dtype), alpha=c)
+        p.add_(grad, alpha=-entry.lr)
+    assert all(torch.equal(a, b) for a, b in zip(params, expected))
+
+
+# --------------------------------------------------------------------------- the lean probe
+def test_dot64_is_an_exact_product_float64_sum_and_leaves_inputs_alone():
+    from hosfl_flower.zo import dot64
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float64):
+        a, b = torch.randn(5, 7001, generator=gen, dtype=dtype), torch.randn(5, 7001, generator=gen, dtype=dtype)
+        a0, b0 = a.clone(), b.clone()
+        exact = float((a.double() * b.double()).sum())
+        assert math.isclose(dot64(a, b, chunk=1000), exact, rel_tol=1e-12)
+        assert math.isclose(dot64(a, b), exact, rel_tol=1e-12)
+        assert torch.equal(a, a0) and torch.equal(b, b0)
+    with pytest.raises(ValueError):
+        dot64(torch.zeros(3), torch.zeros(4))
+
+
+def conv_client(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+
+
+def test_lean_probe_scalars_match_the_straightforward_formula():
+    """v_p = <λ, z̃_p> − <λ, z> (float64 products) agrees with <λ, z̃_p − z> to ~1e-6 relative, for a
+    tensor anchor and for an anchor folded into a float; both anchors give the same bits."""
+    from hosfl_flower.zo import dot64
+
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    seeds, mu = [3, 4, 5, 6], 1e-3
+    model = conv_client()
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        z = model(x)
+    lam = torch.randn(z.shape, generator=torch.Generator().manual_seed(2)) / z.numel()
+    start = [p.detach().clone() for p in params]
+    lean = hybrid_probe_scalars(lambda: model(x), params, z, lam, seeds, mu)
+
+    with torch.no_grad():  # the same perturbations, in the same order, from the same start
+        for p, s in zip(params, start):
+            p.copy_(s)
+    folded = hybrid_probe_scalars(lambda: model(x), params, dot64(lam, z), lam, seeds, mu)
+    assert folded == lean
+
+    with torch.no_grad():
+        for p, s in zip(params, start):
+            p.copy_(s)
+        straightforward = []
+        for seed in seeds:
+            perturb_(params, seed, mu)
+            perturbed = model(x)
+            perturb_(params, seed, -mu)
+            straightforward.append(float(torch.sum((perturbed - z) * lam, dtype=torch.float64)))
+    assert all(v != 0.0 for v in lean)
+    for a, b in zip(lean, straightforward):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=0.0), (a, b)
+    with pytest.raises(ValueError, match="shape"):
+        hybrid_probe_scalars(lambda: model(x), params, z, lam[:1], seeds, mu)
+
+
+def test_probe_releases_each_output_before_the_next_forward():
+    """At most one perturbed output is alive at a time: the previous z̃ is gone when the next forward runs."""
+    import weakref
+
+    model = conv_client()
+    params = trainable_parameters(model)
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        z = model(x)
+    previous: list[weakref.ref] = []
+
+    def forward():
+        assert all(ref() is None for ref in previous), "a perturbed output from an earlier probe is still alive"
+        out = model(x)
+        previous.append(weakref.ref(out))
+        return out
+
+    scalars = hybrid_probe_scalars(forward, params, float(z.sum()), torch.ones_like(z), [1, 2, 3], 1e-3)
+    assert len(scalars) == 3 and len(previous) == 3

@@ -3,8 +3,16 @@
 This package has no Flower imports; the Flower layer and the in-process reference loop both use it.
 """
 
-from .directions import direction, fingerprint, mix_seed, perturb_, trainable_names, trainable_parameters
-from .estimator import aggregate_scalars, estimate_gradient, hybrid_probe_scalars
+from .directions import (
+    direction,
+    fingerprint,
+    mix_seed,
+    perturb_,
+    trainable_names,
+    trainable_parameters,
+    transient_direction,
+)
+from .estimator import aggregate_scalars, dot64, estimate_gradient, hybrid_probe_scalars
 from .ledger import Ledger, LedgerEntry, apply_entry, replay, zo_gradient
 from .optim import CLIENT_OPTIMIZERS, AdamW, ClientOptimizer, SGD, make_client_optimizer
 
@@ -18,6 +26,7 @@ __all__ = [
     "aggregate_scalars",
     "apply_entry",
     "direction",
+    "dot64",
     "estimate_gradient",
     "fingerprint",
     "hybrid_probe_scalars",
@@ -27,5 +36,6 @@ __all__ = [
     "replay",
     "trainable_names",
     "trainable_parameters",
+    "transient_direction",
     "zo_gradient",
 ]

@@ -3,17 +3,28 @@
 Direction ``u_p`` for trainable parameter ``i`` (``named_parameters()`` order, ``requires_grad``
 only) is drawn in float32 by a CPU ``torch.Generator`` seeded from ``(seed_p, i)``, then moved to
 the parameter's device and dtype. The stream therefore does not depend on the device a client runs on.
+
+Drawing a direction for a small tensor costs far more in fixed overhead than in random numbers, so the
+draw reuses one CPU generator per thread (re-seeded with ``manual_seed``: the same seed gives the same
+stream as a fresh generator), memoises the seed mix, and fills small directions into a per-thread
+scratch buffer. None of this changes a drawn value.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
 from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
 _MASK64 = (1 << 64) - 1
+
+SCRATCH_FLOATS = 1 << 16
+"""Directions up to this many floats are drawn into a reused per-thread buffer (256 KiB at most);
+larger ones get their own tensor, whose allocation is small next to drawing its random numbers."""
 
 
 def _splitmix64(value: int) -> int:
@@ -41,14 +52,56 @@ def trainable_names(module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if p.requires_grad]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _direction_seed(seed: int, index: int) -> int:
+    """``mix_seed(seed, index)``, memoised: a round's seeds are drawn twice per probe and again at replay."""
+    return mix_seed(seed, index)
+
+
+class _ThreadState(threading.local):
+    """One CPU generator and one scratch buffer per thread (a generator is not safe to share)."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator(device="cpu")
+        self.scratch = torch.empty(0, dtype=torch.float32)
+
+
+_THREAD = _ThreadState()
+
+
+def _draw(seed: int, index: int, shape: torch.Size, scratch: bool) -> torch.Tensor:
+    """The float32 CPU direction; with ``scratch``, possibly a view of this thread's buffer (valid until
+    the next draw in this thread)."""
+    state = _THREAD
+    generator = state.generator
+    generator.manual_seed(_direction_seed(seed, index))
+    if scratch:
+        numel = shape.numel()
+        if numel <= SCRATCH_FLOATS:
+            if state.scratch.numel() < numel:
+                state.scratch = torch.empty(max(numel, 256), dtype=torch.float32)
+            # normal_ on a contiguous float32 tensor is exactly what torch.randn does after allocating it
+            return state.scratch[:numel].view(shape).normal_(generator=generator)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
 def direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
-    """Gaussian direction for parameter ``index`` under ``seed``, shaped, placed and typed like ``like``."""
-    generator = torch.Generator(device="cpu")
-    generator.manual_seed(mix_seed(seed, index))
-    u = torch.randn(like.shape, generator=generator, dtype=torch.float32)
+    """Gaussian direction for parameter ``index`` under ``seed``, shaped, placed and typed like ``like``.
+
+    The result is a new tensor the caller owns.
+    """
+    u = _draw(seed, index, like.shape, scratch=False)
     if u.device != like.device or u.dtype != like.dtype:
         u = u.to(device=like.device, dtype=like.dtype)
     return u
+
+
+def transient_direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+    """:func:`direction` for immediate use: it may share memory with a per-thread buffer that the next
+    draw in this thread overwrites (``x.add_(transient_direction(...))`` is the intended use)."""
+    if like.dtype == torch.float32 and like.device.type == "cpu":
+        return _draw(seed, index, like.shape, scratch=True)
+    return _draw(seed, index, like.shape, scratch=False).to(device=like.device, dtype=like.dtype)
 
 
 @torch.no_grad()
@@ -59,7 +112,7 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, first_inde
     server) can share one direction over their concatenation.
     """
     for index, param in enumerate(params, start=first_index):
-        param.add_(direction(seed, index, param), alpha=scale)
+        param.add_(transient_direction(seed, index, param), alpha=scale)
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:

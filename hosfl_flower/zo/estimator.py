@@ -15,11 +15,33 @@ from .directions import perturb_
 from .ledger import zo_gradient
 
 
+DOT_CHUNK = 1 << 15
+"""Elements per chunk of :func:`dot64`: its float64 temporaries stay at 256 KiB whatever the tensor size."""
+
+
+@torch.no_grad()
+def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = DOT_CHUNK) -> float:
+    """``⟨a, b⟩`` with float64 products and float64 sums, a chunk at a time (no full-size temporaries).
+
+    The products of float32 values are exact in float64. The result depends only on the values and on
+    ``chunk`` (chunk sums are added left to right), so every party that calls it gets the same bits.
+    """
+    if a.numel() != b.numel():
+        raise ValueError(f"dot of tensors with {a.numel()} and {b.numel()} elements")
+    a, b = a.reshape(-1), b.reshape(-1)
+    total = 0.0
+    for start in range(0, a.numel(), chunk):
+        part = a[start : start + chunk].to(torch.float64, copy=True)  # never an alias of a
+        part.mul_(b[start : start + chunk])
+        total += float(part.sum())
+    return total
+
+
 @torch.no_grad()
 def hybrid_probe_scalars(
     forward: Callable[[], torch.Tensor],
     params: Sequence[torch.Tensor],
-    anchor: torch.Tensor,
+    anchor: torch.Tensor | float,
     lam: torch.Tensor,
     seeds: Sequence[int],
     mu: float,
@@ -29,9 +51,18 @@ def hybrid_probe_scalars(
     ``forward`` evaluates the client segment at the current (perturbed) parameters. Parameters are
     perturbed in place and restored by the opposite step, so memory stays at inference level; the
     caller owns the canonical copy of ``θ_c`` (restoring by subtraction may differ in the last bit).
+
+    ``anchor`` is ``z`` or, already folded, ``⟨λ, z⟩`` as a float (:func:`dot64`), which lets the caller
+    free ``z`` before the probes. Each scalar is computed as ``⟨λ, z̃_p⟩ − ⟨λ, z⟩`` with float64
+    products (:func:`dot64`), and each ``z̃_p`` is released before the next forward pass, so at most one
+    perturbed output is alive at a time and no ``z̃ − z`` temporary is made.
     """
-    if anchor.shape != lam.shape:
-        raise ValueError(f"λ has shape {tuple(lam.shape)} but z has shape {tuple(anchor.shape)}")
+    if isinstance(anchor, torch.Tensor):
+        if anchor.shape != lam.shape:
+            raise ValueError(f"λ has shape {tuple(lam.shape)} but z has shape {tuple(anchor.shape)}")
+        base = dot64(lam, anchor)
+    else:
+        base = float(anchor)
     scalars = []
     for seed in seeds:
         perturb_(params, seed, mu)
@@ -39,7 +70,10 @@ def hybrid_probe_scalars(
             perturbed = forward()
         finally:
             perturb_(params, seed, -mu)
-        scalars.append(float(torch.sum((perturbed - anchor) * lam, dtype=torch.float64)))
+        if perturbed.shape != lam.shape:
+            raise ValueError(f"λ has shape {tuple(lam.shape)} but f_c returned {tuple(perturbed.shape)}")
+        scalars.append(dot64(lam, perturbed) - base)
+        del perturbed  # free z̃_p before the next forward pass
     return scalars
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .directions import direction
+from .directions import transient_direction
 from .optim import ClientOptimizer
 
 
@@ -39,13 +39,18 @@ class LedgerEntry:
         return [float(v) / denom for v in self.scalars]
 
 
+def _zo_gradient(index: int, param: torch.Tensor, seeds: Sequence[int], coefficients: Sequence[float]) -> torch.Tensor:
+    # the caller holds torch.no_grad(); each direction is consumed before the next one is drawn
+    grad = torch.zeros_like(param)
+    for seed, coefficient in zip(seeds, coefficients):
+        grad.add_(transient_direction(seed, index, param), alpha=coefficient)
+    return grad
+
+
 @torch.no_grad()
 def zo_gradient(index: int, param: torch.Tensor, seeds: Sequence[int], coefficients: Sequence[float]) -> torch.Tensor:
     """``ĝ_i = Σ_p c_p u_p,i`` for one parameter, regenerated from the seeds."""
-    grad = torch.zeros_like(param)
-    for seed, coefficient in zip(seeds, coefficients):
-        grad.add_(direction(seed, index, param), alpha=coefficient)
-    return grad
+    return _zo_gradient(index, param, seeds, coefficients)
 
 
 @torch.no_grad()
@@ -61,7 +66,7 @@ def apply_entry(
     coefficients = entry.coefficients()
     optimizer.begin_step()
     for position, param in enumerate(params):
-        grad = zo_gradient(first_index + position, param, entry.seeds, coefficients)
+        grad = _zo_gradient(first_index + position, param, entry.seeds, coefficients)
         optimizer.step_param(position, param, grad, entry.lr)
 
 
