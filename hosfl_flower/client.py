@@ -4,18 +4,26 @@
 first-order training, used by the FedAvg baseline). The HO-SFL protocol adds ``smash``, ``probe``
 and ``sync``. The client object is rebuilt for every message: everything it must remember lives in
 the node's ``context.state`` (a ``RecordDict``) under the ``hosfl.*`` keys.
+
+The node state is the only source of truth. A process-local cache (:class:`WeightCache`) only saves
+work: it remembers which node state the process's shared model currently holds, and keeps the last
+few versions of ``θ_c`` as tensors, both keyed by ``(applied round, fingerprint)`` — nodes that
+applied the same rounds hold bit-identical weights, so one cached version serves all of them. A miss
+(another process, an evicted version, a model changed since) decodes the node state as before.
 """
 
 from __future__ import annotations
 
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.client import NumPyClient
 
 from .data import Examples, sample_batch
@@ -27,6 +35,7 @@ from .zo import (
     ClientOptimizer,
     LedgerEntry,
     apply_entry,
+    dot64,
     fingerprint,
     hybrid_probe_scalars,
     make_client_optimizer,
@@ -43,6 +52,82 @@ STATE_PROBE = "hosfl.probe"
 STATE_SPLITFED = "hosfl.splitfed-weights"
 STATE_SPLITFED_BATCH = "hosfl.splitfed-batch"
 OPTIMIZER_PREFIX = "optimizer."
+
+
+WeightTag = tuple[int, str]
+"""``(applied round, fingerprint of θ_c)``: names one version of the client weights exactly."""
+
+
+class WeightCache:
+    """Process-local shortcuts for restoring ``θ_c`` into a shared model; never the source of truth.
+
+    ``holds(model, tag)`` is true only if the model's client parameters were last set to version
+    ``tag`` by this class and have not been modified since: each parameter's in-place version counter
+    and storage are recorded when the tag is marked, so any later in-place change (a load, a
+    perturbation, an optimizer step) or replacement of a parameter makes the check fail. ``get``
+    returns a kept copy of a version (the ``versions`` most recently stored per model).
+    """
+
+    def __init__(self, versions: int = 2) -> None:
+        self.versions = versions
+        self._held: weakref.WeakKeyDictionary[SplitModel, tuple[WeightTag, tuple]] = weakref.WeakKeyDictionary()
+        self._kept: weakref.WeakKeyDictionary[SplitModel, OrderedDict[WeightTag, dict[str, torch.Tensor]]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    @staticmethod
+    def _stamp(model: SplitModel) -> tuple:
+        return tuple((id(p), p.data_ptr(), p._version) for p in model.client_parameters())
+
+    def holds(self, model: SplitModel, tag: WeightTag | None) -> bool:
+        """Whether ``model`` holds exactly version ``tag`` of the client weights right now."""
+        held = self._held.get(model)
+        return tag is not None and held is not None and held[0] == tag and held[1] == self._stamp(model)
+
+    def mark(self, model: SplitModel, tag: WeightTag | None) -> None:
+        """Record that ``model`` now holds version ``tag`` (``None``: nothing known)."""
+        if tag is None:
+            self._held.pop(model, None)
+        else:
+            self._held[model] = (tag, self._stamp(model))
+
+    def get(self, model: SplitModel, tag: WeightTag | None) -> dict[str, torch.Tensor] | None:
+        """The kept copy of version ``tag`` for ``model``, or ``None``."""
+        kept = self._kept.get(model)
+        if tag is None or kept is None or tag not in kept:
+            return None
+        kept.move_to_end(tag)
+        return kept[tag]
+
+    def put(self, model: SplitModel, tag: WeightTag) -> None:
+        """Keep a copy of the model's current client weights as version ``tag`` (the caller vouches)."""
+        kept = self._kept.setdefault(model, OrderedDict())
+        if tag in kept:
+            kept.move_to_end(tag)
+        else:
+            kept[tag] = {k: v.clone() for k, v in model.client_state().items()}
+            while len(kept) > self.versions:
+                kept.popitem(last=False)
+
+    def clear(self) -> None:
+        """Forget everything (the next restore of every node decodes its state)."""
+        self._held = weakref.WeakKeyDictionary()
+        self._kept = weakref.WeakKeyDictionary()
+
+
+WEIGHT_CACHE = WeightCache()
+"""The process's cache of client weights (see :class:`WeightCache`)."""
+
+
+def _decode(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    """Tensors of an ``ArrayRecord`` (one owned copy each: ``np.load`` already returns a fresh array)."""
+    tensors = {}
+    for name, array in record.items():
+        values = array.numpy()
+        if not values.flags.writeable or not values.flags.c_contiguous:
+            values = np.array(values, copy=True)
+        tensors[name] = torch.from_numpy(values)
+    return tensors
 
 
 class OutOfSyncError(RuntimeError):
@@ -106,27 +191,75 @@ class HOSFLClient(NumPyClient):
         self.state = state if state is not None else RecordDict()
 
     # ----------------------------------------------------------------- node state
+    def _array_record(self, key: str) -> ArrayRecord | None:
+        # ``RecordDict.array_records`` builds a new synced view on every access, and that view sits in a
+        # reference cycle: records reached through it outlive a ``del`` until the garbage collector runs
+        record = self.state.get(key)
+        return record if isinstance(record, ArrayRecord) else None
+
+    def _config_record(self, key: str) -> ConfigRecord | None:
+        record = self.state.get(key)
+        return record if isinstance(record, ConfigRecord) else None
+
     @property
     def applied_round(self) -> int:
         """The last round whose client update this node has applied (0: none)."""
-        sync = self.state.config_records.get(STATE_SYNC)
+        sync = self._config_record(STATE_SYNC)
         return int(sync["applied-round"]) if sync is not None else 0
+
+    def _weight_tag(self) -> WeightTag | None:
+        """The version of ``θ_c`` the node state holds, if the state names it (``None``: unnamed)."""
+        sync = self._config_record(STATE_SYNC)
+        if sync is None or "fingerprint" not in sync or self._array_record(STATE_WEIGHTS) is None:
+            return None
+        return int(sync["applied-round"]), str(sync["fingerprint"])
+
+    def _load_weights(self) -> None:
+        """Make the shared model hold this node's ``θ_c``: nothing to do if it already does, a copy from
+        the process cache if that version is kept, otherwise decoded from the node state."""
+        weights = self._array_record(STATE_WEIGHTS)
+        if weights is None:
+            self.model.load_client_state(self.initial_client_state)
+            WEIGHT_CACHE.mark(self.model, None)
+            return
+        tag = self._weight_tag()
+        if WEIGHT_CACHE.holds(self.model, tag):
+            return
+        kept = WEIGHT_CACHE.get(self.model, tag)
+        self.model.load_client_state(kept if kept is not None else _decode(weights))
+        if tag is not None:
+            WEIGHT_CACHE.put(self.model, tag)
+        WEIGHT_CACHE.mark(self.model, tag)
 
     def restore(self) -> ClientOptimizer:
         """Load this node's ``θ_c`` into the (shared) model and return its optimizer with state."""
-        weights = self.state.array_records.get(STATE_WEIGHTS)
-        self.model.load_client_state(record_to_tensors(weights) if weights is not None else self.initial_client_state)
+        self._load_weights()
         optimizer = make_client_optimizer(self.settings.optimizer, self.settings.weight_decay)
-        saved = self.state.array_records.get(STATE_OPTIMIZER)
+        saved = self._array_record(STATE_OPTIMIZER)
         if saved is not None:
-            optimizer.load_state_tensors(record_to_tensors(saved))
+            optimizer.load_state_tensors(_decode(saved))
         return optimizer
 
-    def persist(self, optimizer: ClientOptimizer, applied_round: int) -> None:
-        """Store the model's ``θ_c``, the optimizer state and the applied round in the node state."""
+    def persist(self, optimizer: ClientOptimizer, applied_round: int) -> str:
+        """Store the model's ``θ_c``, the optimizer state and the applied round in the node state.
+
+        Returns the fingerprint of ``θ_c``, which the state keeps next to the applied round.
+        """
+        fp = fingerprint(self.model.client_parameters())
         self.state[STATE_WEIGHTS] = tensors_to_record(self.model.client_state())
         self.state[STATE_OPTIMIZER] = tensors_to_record(optimizer.state_tensors())
-        self.state[STATE_SYNC] = ConfigRecord({"applied-round": int(applied_round)})
+        self.state[STATE_SYNC] = ConfigRecord({"applied-round": int(applied_round), "fingerprint": fp})
+        tag = (int(applied_round), fp)
+        WEIGHT_CACHE.put(self.model, tag)
+        WEIGHT_CACHE.mark(self.model, tag)
+        return fp
+
+    def _fingerprint(self) -> str:
+        """Fingerprint of the model's ``θ_c`` (read from the node state when the model holds that version)."""
+        tag = self._weight_tag()
+        if WEIGHT_CACHE.holds(self.model, tag):
+            return tag[1]
+        return fingerprint(self.model.client_parameters())
 
     def client_state_tensors(self, optimizer: ClientOptimizer) -> dict[str, torch.Tensor]:
         """``θ_c`` and the optimizer state in one flat dict (what a weight repair carries)."""
@@ -148,20 +281,20 @@ class HOSFLClient(NumPyClient):
         """
         optimizer = self.restore()
         applied = self.applied_round
+        changed = False
         if replacement is not None:
             weights = {k: v for k, v in replacement.items() if not k.startswith(OPTIMIZER_PREFIX)}
             self.model.load_client_state(weights)
             optimizer.load_state_tensors(
                 {k[len(OPTIMIZER_PREFIX):]: v for k, v in replacement.items() if k.startswith(OPTIMIZER_PREFIX)}
             )
-            applied = replacement_round
-            self.persist(optimizer, applied)
-        if applied < from_round:
-            return optimizer, applied
-        pending = [e for e in entries if e.round > applied]
-        if pending:
-            replay(self.model.client_parameters(), optimizer, pending)
-            applied = pending[-1].round
+            applied, changed = replacement_round, True
+        if applied >= from_round:
+            pending = [e for e in entries if e.round > applied]
+            if pending:
+                replay(self.model.client_parameters(), optimizer, pending)
+                applied, changed = pending[-1].round, True
+        if changed:  # θ_c is encoded into the node state once per message, and only when it changed
             self.persist(optimizer, applied)
         return optimizer, applied
 
@@ -194,26 +327,34 @@ class HOSFLClient(NumPyClient):
             {**{f"input.{k}": v for k, v in batch.inputs.items()}, "z": smashed["z"]}
         )
         self.state[STATE_PROBE + ".round"] = ConfigRecord({"round": int(server_round)})
-        return SmashResult(
-            smashed, batch.labels, fingerprint(self.model.client_parameters()), applied, time.perf_counter() - start
-        )
+        return SmashResult(smashed, batch.labels, self._fingerprint(), applied, time.perf_counter() - start)
 
     @torch.no_grad()
     def probe(self, server_round: int, activation_grad: torch.Tensor, seeds: Sequence[int], mu: float) -> tuple[list[float], float]:
-        """``v_p = ⟨λ, f_c(x; θ + μ u_p) − z⟩`` for each seed, on the batch kept by :meth:`smash`."""
+        """``v_p = ⟨λ, f_c(x; θ + μ u_p) − z⟩`` for each seed, on the batch kept by :meth:`smash`.
+
+        The kept batch is decoded once and its record dropped from the node state before any forward
+        pass; ``⟨λ, z⟩`` is folded into one float64 scalar so ``z`` is freed too. Through the ``P``
+        forwards the node holds the inputs, ``λ`` and one perturbed output at a time.
+        """
         start = time.perf_counter()
-        kept = self.state.array_records.get(STATE_PROBE)
-        kept_round = self.state.config_records.get(STATE_PROBE + ".round")
+        kept = self._array_record(STATE_PROBE)
+        kept_round = self._config_record(STATE_PROBE + ".round")
         if kept is None or kept_round is None or int(kept_round["round"]) != server_round:
             raise OutOfSyncError(f"probe for round {server_round} but this node holds no smashed batch of that round")
-        tensors = record_to_tensors(kept)
+        tensors = _decode(kept)
+        z = tensors.pop("z")
+        if z.shape != activation_grad.shape:
+            raise ValueError(f"λ has shape {tuple(activation_grad.shape)} but z has shape {tuple(z.shape)}")
+        del kept, self.state[STATE_PROBE], self.state[STATE_PROBE + ".round"]
         inputs = {k[len("input."):]: v for k, v in tensors.items() if k.startswith("input.")}
-        self.restore()
+        del tensors
+        anchor = dot64(activation_grad, z)
+        del z
+        self._load_weights()
         scalars = hybrid_probe_scalars(
-            lambda: self.model.smash(inputs)["z"], self.model.client_parameters(), tensors["z"], activation_grad, seeds, mu
+            lambda: self.model.smash(inputs)["z"], self.model.client_parameters(), anchor, activation_grad, seeds, mu
         )
-        del self.state[STATE_PROBE]
-        del self.state[STATE_PROBE + ".round"]
         return scalars, time.perf_counter() - start
 
     @torch.no_grad()
@@ -230,7 +371,7 @@ class HOSFLClient(NumPyClient):
         """ZO-SFL: catch up, then ``z`` at ``θ_c`` and ``z̃_p`` at ``θ_c + μ u_p`` for each seed."""
         start = time.perf_counter()
         applied, batch, smashed = self._catch_up_and_smash(server_round, entries, from_round, replacement, replacement_round)
-        fp = fingerprint(self.model.client_parameters())
+        fp = self._fingerprint()
         params = self.model.client_parameters()
         perturbed = []
         for seed in seeds:
@@ -250,12 +391,12 @@ class HOSFLClient(NumPyClient):
     ) -> tuple[str, int]:
         """Catch up without training; return the fingerprint of ``θ_c`` and the applied round."""
         _, applied = self.catch_up(entries, from_round, replacement, replacement_round)
-        return fingerprint(self.model.client_parameters()), applied
+        return self._fingerprint(), applied
 
     # ----------------------------------------------------------------- SplitFed (first-order client)
     def _load_splitfed_weights(self, weights: Mapping[str, torch.Tensor] | None) -> None:
         if weights is None:
-            saved = self.state.array_records.get(STATE_SPLITFED)
+            saved = self._array_record(STATE_SPLITFED)
             if saved is None:
                 raise OutOfSyncError("no client segment received for this round")
             weights = record_to_tensors(saved)
@@ -285,7 +426,7 @@ class HOSFLClient(NumPyClient):
         Returns the updated client segment and compute seconds.
         """
         start = time.perf_counter()
-        tag = self.state.config_records.get(STATE_SPLITFED_BATCH + ".step")
+        tag = self._config_record(STATE_SPLITFED_BATCH + ".step")
         if tag is None or (int(tag["round"]), int(tag["step"])) != (server_round, step):
             raise OutOfSyncError(f"activation gradient for round {server_round} step {step} without its batch")
         self._load_splitfed_weights(None)

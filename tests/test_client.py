@@ -80,3 +80,108 @@ def test_probe_needs_the_smash_of_its_round_and_leaves_theta_untouched():
     scalars, _ = make_client(state).probe(1, lam, [1, 2, 3], 1e-3)
     assert len(scalars) == 3 and all(s != 0.0 for s in scalars)
     assert make_client(state).sync([], from_round=0)[0] == result.fingerprint
+
+
+# --------------------------------------------------------------------------- probe arithmetic and the weight cache
+from hosfl_flower.client import STATE_PROBE, STATE_WEIGHTS, WEIGHT_CACHE  # noqa: E402
+from hosfl_flower.zo import hybrid_probe_scalars, perturb_  # noqa: E402
+
+SEEDS, MU = [7, 8, 9], 1e-3
+
+
+def direct_probe(entries, batch_inputs, lam):
+    """The probe computed straight from the zeroth-order engine on a replica (no node state, no cache)."""
+    replica, _ = replica_after(entries)
+    with torch.no_grad():
+        z = replica.smash(batch_inputs)["z"]
+    return hybrid_probe_scalars(lambda: replica.smash(batch_inputs)["z"], replica.client_parameters(), z, lam, SEEDS, MU)
+
+
+def one_round(state, lam_seed=0, between=lambda: None, model=None):
+    """Round 2 of a node that applied round 1: smash (replaying the entry), then probe."""
+    client = make_client(state)
+    if model is not None:
+        client.model = model
+    result = client.smash(2, ENTRIES[:1], from_round=0)
+    lam = torch.randn(result.smashed["z"].shape, generator=torch.Generator().manual_seed(lam_seed))
+    between()
+    prober = make_client(state)
+    prober.model = client.model
+    scalars, _ = prober.probe(2, lam, SEEDS, MU)
+    return result, lam, scalars, client
+
+
+def test_probe_matches_the_engine_drops_the_batch_and_leaves_theta_bit_identical():
+    state = RecordDict()
+    result, lam, scalars, client = one_round(state)
+    batch = client.draw_batch(2)
+    assert scalars == direct_probe(ENTRIES[:1], batch.inputs, lam)
+    assert STATE_PROBE not in state  # the kept batch does not outlive its probe
+    replica, _ = replica_after(ENTRIES[:1])
+    assert result.fingerprint == fingerprint(replica.client_parameters())
+    # the node's θ_c is unchanged by the probe: bit for bit in the node state, and in the shared model
+    # once restored (perturbing and un-perturbing in place may leave last-bit noise in the model itself)
+    stored = {k: torch.from_numpy(v.numpy()) for k, v in state[STATE_WEIGHTS].items()}
+    assert all(torch.equal(stored[k], v) for k, v in replica.client_state().items())
+    fp, applied = make_client(state).sync([], from_round=0)
+    assert (fp, applied) == (result.fingerprint, 1)
+    restored = make_client(state)
+    restored.model = client.model
+    restored.restore()
+    assert all(torch.equal(a, b) for a, b in zip(client.model.client_parameters(), replica.client_parameters()))
+
+
+def scramble(model):
+    with torch.no_grad():
+        for p in model.client_parameters():
+            p.add_(1.0)
+
+
+def test_a_cache_miss_gives_the_same_answer():
+    """Whether the process still holds the node's weights, holds other weights, or has forgotten
+    everything, the probe and the fingerprints are the same bits."""
+    baseline = one_round(RecordDict())
+    model = build_split_model("cnn", 2, 10, seed=0)
+    variants = {
+        "cache cleared": lambda: WEIGHT_CACHE.clear(),
+        "model changed in place": lambda: scramble(model),
+        "changed and cleared": lambda: (scramble(model), WEIGHT_CACHE.clear()),
+        "other weights loaded": lambda: model.load_client_state(replica_after(ENTRIES[:4])[0].client_state()),
+    }
+    for name, between in variants.items():
+        result, _, scalars, _ = one_round(RecordDict(), between=between, model=model)
+        assert scalars == baseline[2], name
+        assert result.fingerprint == baseline[0].fingerprint, name
+
+
+def test_two_nodes_sharing_a_model_each_probe_their_own_weights():
+    """Node A (one round behind) and node B (fresh) interleave on one shared model, as nodes of one
+    ClientApp process do: each probe uses that node's θ_c."""
+    model = build_split_model("cnn", 2, 10, seed=0)
+    a_state, b_state = RecordDict(), RecordDict()
+    a, b = make_client(a_state), make_client(b_state, partition=1)
+    a.model = b.model = model
+    a.sync(ENTRIES[:1], from_round=0)
+    ra = a.smash(3, ENTRIES[1:2], from_round=1)  # A at round 2
+    rb = b.smash(3, [], from_round=0)  # B stays at the initial weights
+    lam_a, lam_b = torch.randn_like(ra.smashed["z"]), torch.randn_like(rb.smashed["z"])
+    scalars_b, _ = b.probe(3, lam_b, SEEDS, MU)
+    scalars_a, _ = a.probe(3, lam_a, SEEDS, MU)
+    assert scalars_a == direct_probe(ENTRIES[:2], a.draw_batch(3).inputs, lam_a)
+    assert scalars_b == direct_probe([], b.draw_batch(3).inputs, lam_b)
+    assert ra.fingerprint == fingerprint(replica_after(ENTRIES[:2])[0].client_parameters())
+
+
+def test_weight_cache_notices_any_in_place_change():
+    model = build_split_model("cnn", 2, 10, seed=0)
+    tag = (1, "x")
+    WEIGHT_CACHE.mark(model, tag)
+    assert WEIGHT_CACHE.holds(model, tag) and not WEIGHT_CACHE.holds(model, (1, "y"))
+    perturb_(model.client_parameters(), 1, 1e-3)
+    perturb_(model.client_parameters(), 1, -1e-3)
+    assert not WEIGHT_CACHE.holds(model, tag)
+    WEIGHT_CACHE.mark(model, tag)
+    model.load_client_state(model.client_state())
+    assert not WEIGHT_CACHE.holds(model, tag)
+    WEIGHT_CACHE.mark(model, None)
+    assert not WEIGHT_CACHE.holds(model, None)
