@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from .client import ClientSettings, HOSFLClient, SmashResult
 from .config import resolve_run_config
+from .faults import build_fault_mod
 from .models.aux_head import build_aux_head
 from .records import record_to_ledger, record_to_tensors, tensors_to_record
 from .task import client_task
@@ -69,14 +70,24 @@ def _smash_content(result: SmashResult, smashed: Mapping[str, torch.Tensor]) -> 
 
 
 def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
-    """A ``ClientApp`` serving every protocol message; ``overrides`` are run-config values that win."""
-    app = ClientApp()
+    """A ``ClientApp`` serving every protocol message; ``overrides`` are run-config values that win.
+
+    The ``faults.*`` keys switch on fault injection (:mod:`hosfl_flower.faults`) for robustness tests.
+    """
+    app = ClientApp(mods=[build_fault_mod(overrides)])
 
     @app.query("hello")
     def hello(msg: Message, context: Context) -> Message:
         partition_id, num_partitions = node_partition(context)
         client = make_client(context, overrides)
-        info = ConfigRecord({"partition-id": partition_id, "num-partitions": num_partitions, "num-examples": len(client.train)})
+        info = ConfigRecord(
+            {
+                "partition-id": partition_id,
+                "num-partitions": num_partitions,
+                "num-examples": len(client.train),
+                "applied-round": client.applied_round,
+            }
+        )
         return Message(RecordDict({"node": info}), reply_to=msg)
 
     @app.train("smash")

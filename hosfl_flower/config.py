@@ -135,6 +135,14 @@ OPTIONS: dict[str, Option] = {
     "split-server.placement": Option("local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS),
     "torch-threads": Option(1, "torch intra-op threads of the server and every client (results are bit-exact per setting)", minimum=1),
     "round-timeout": Option(600.0, "seconds to wait for replies in one exchange", minimum=0.0, exclusive_minimum=True),
+    "min-replies": Option(1, "a round needs this many valid replies in every exchange, else it is skipped unchanged", minimum=1),
+    "max-skipped-rounds": Option(10, "stop with an error after this many skipped rounds in a row", minimum=1),
+    "checkpoint-every": Option(0, "write a checkpoint every this many rounds (0: never)", minimum=0),
+    "checkpoint-dir": Option("checkpoints", "where checkpoints are written and resumed from"),
+    "resume": Option(False, "continue the run saved in checkpoint-dir"),
+    "faults.failure-rate": Option(0.0, "fault injection: share of protocol replies that fail (testing only)", minimum=0.0, maximum=1.0),
+    "faults.nan-partition": Option(-1, "fault injection: this partition's replies carry NaN values (-1: none)", minimum=-1),
+    "faults.wrong-count-partition": Option(-1, "fault injection: this partition replies with one value too few (-1: none)", minimum=-1),
     "final-sync": Option(True, "after the last round, bring every node up to date and check its fingerprint"),
     "results-dir": Option("results", "where per-round results and the final model are written"),
 }
@@ -183,6 +191,16 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
         raise ConfigError(
             "heron.upload-every", config["heron.upload-every"], f"must be <= heron.local-steps ({config['heron.local-steps']})"
         )
+    if config["min-replies"] > config["clients-per-round"]:
+        raise ConfigError(
+            "min-replies", config["min-replies"], f"must be <= clients-per-round ({config['clients-per-round']})"
+        )
+    if config["checkpoint-every"] or config["resume"]:
+        key = "resume" if config["resume"] else "checkpoint-every"
+        if config["strategy"] == "fedavg":
+            raise ConfigError(key, config[key], "checkpoints are not supported by strategy fedavg (Flower's own FedAvg loop)")
+        if not config["checkpoint-dir"]:
+            raise ConfigError("checkpoint-dir", "", f"{key} needs a checkpoint directory")
     if config["min-nodes"] and config["min-nodes"] < config["clients-per-round"]:
         raise ConfigError("min-nodes", config["min-nodes"], f"must be 0 or >= clients-per-round ({config['clients-per-round']})")
 

@@ -26,6 +26,13 @@ class RunRecorder:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "rounds.jsonl").write_text("")
 
+    def restore(self, rows: list[Mapping[str, Any]]) -> None:
+        """Start from the rows of a resumed run (written again, not logged)."""
+        self.rows = [dict(row) for row in rows]
+        if self.directory is not None:
+            with open(self.directory / "rounds.jsonl", "w") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in rows)
+
     def record(self, row: Mapping[str, Any]) -> None:
         """Keep, write and log one round's row."""
         self.rows.append(dict(row))

@@ -58,9 +58,17 @@ class SplitServer:
         self.optimizer = make_server_optimizer(optimizer, model.server_parameters(), lr, momentum, weight_decay)
 
     def step(
-        self, batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]], weights: Sequence[float]
+        self,
+        batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
+        weights: Sequence[float],
+        apply: bool = True,
     ) -> StepResult:
-        """One first-order step on ``θ_s`` over ``batches`` (smashed dict, labels) weighted by ``weights``."""
+        """One first-order step on ``θ_s`` over ``batches`` (smashed dict, labels) weighted by ``weights``.
+
+        With ``apply=False`` the gradients are computed (and ``λ_n`` returned) but the optimizer step
+        waits for :meth:`apply_pending` or is dropped by :meth:`discard_pending`, so a round can still
+        be skipped without changing ``θ_s``.
+        """
         if len(batches) != len(weights):
             raise ValueError(f"{len(batches)} batches but {len(weights)} weights")
         start = time.perf_counter()
@@ -74,9 +82,19 @@ class SplitServer:
             total = total + weight * self.model.loss(logits, labels)
         if leaves:
             total.backward()
-            self.optimizer.step()
+            if apply:
+                self.optimizer.step()
         grads = [z.grad if z.grad is not None else torch.zeros_like(z) for z in leaves]
         return StepResult(float(total.detach()), grads, time.perf_counter() - start)
+
+    def apply_pending(self) -> None:
+        """Take the optimizer step whose gradients a ``step(..., apply=False)`` left on ``θ_s``."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def discard_pending(self) -> None:
+        """Drop the gradients of a ``step(..., apply=False)``: ``θ_s`` and the optimizer stay as they were."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def zo_step(
@@ -192,8 +210,14 @@ class RaySplitServer:
         self._actor = actor_class.remote(model, **optimizer_kwargs)
         self._pool: list[RaySplitServer] = []
 
-    def step(self, batches, weights) -> StepResult:
-        return self._ray.get(self._actor.step.remote(list(batches), list(weights)))
+    def step(self, batches, weights, apply: bool = True) -> StepResult:
+        return self._ray.get(self._actor.step.remote(list(batches), list(weights), apply))
+
+    def apply_pending(self) -> None:
+        self._ray.get(self._actor.apply_pending.remote())
+
+    def discard_pending(self) -> None:
+        self._ray.get(self._actor.discard_pending.remote())
 
     def zo_step(self, *args, **kwargs):
         return self._ray.get(self._actor.zo_step.remote(*args, **kwargs))

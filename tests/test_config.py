@@ -37,6 +37,19 @@ BAD_VALUES = [
     ("final-sync", "yes", "must be true or false"),
     ("server.lr", "fast", "must be a number"),
     ("no-such-key", 1, "unknown key"),
+    ("min-replies", 4, "must be <= clients-per-round (3)"),
+    ("min-replies", 0, "must be an integer >= 1"),
+    ("faults.failure-rate", 1.5, "must be a number >= 0 and <= 1"),
+    ("checkpoint-every", -2, "must be an integer >= 0"),
+    ("resume", 1, "must be true or false"),
+]
+
+CROSS_KEY_VALUES = [
+    ("checkpoint-every", 5, "not supported by strategy fedavg", {"strategy": "fedavg"}),
+    ("checkpoint-dir", "", "needs a checkpoint directory", {"resume": True}),
+    ("cut-layer", 3, "within tiny-llama's blocks 1..2", {"model": "tiny-llama", "dataset": "sentiment"}),
+    ("heron.upload-every", 5, "must be <= heron.local-steps (4)", {}),
+    ("min-nodes", 2, "must be 0 or >= clients-per-round (3)", {}),
 ]
 
 
@@ -46,6 +59,14 @@ def test_bad_values_name_the_key(key, value, message):
         resolve_run_config({key: value})
     text = str(error.value)
     assert key in text and message in text and "\n" not in text
+
+
+@pytest.mark.parametrize("key,value,message,others", CROSS_KEY_VALUES)
+def test_cross_key_rules_name_the_key(key, value, message, others):
+    with pytest.raises(ConfigError) as error:
+        resolve_run_config({**others, key: value})
+    text = str(error.value)
+    assert f"{key}={value!r}" in text and message in text and "\n" not in text
 
 
 def test_overrides_parse_like_flwr_run():

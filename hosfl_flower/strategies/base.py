@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 from ..accounting import RoundAccount
+from ..checkpoint import CheckpointError, check_same_run, check_tensors, checkpoint_path, read_checkpoint, save_checkpoint
 from ..config import ConfigError, resolve_run_config
 from ..data import Examples
 from ..evaluation import evaluate_model
@@ -112,6 +113,8 @@ class SplitStrategy(Strategy):
         self._split_server = split_server
         self.nodes: dict[int, NodeInfo] = {}
         self.history: list[dict[str, Any]] = []
+        self.evaluations: dict[int, dict[str, float]] = {}
+        self.skipped_in_a_row = 0
         self.rejections: Counter = Counter()
         self.results_dir = Path(self.cfg["results-dir"]) if self.cfg["results-dir"] else None
         self.expected_z_shape = self._smashed_shape()
@@ -200,10 +203,17 @@ class SplitStrategy(Strategy):
         self.summary()
         result = Result()
         recorder = RunRecorder(self.name, self.results_dir, num_rounds)
+        first_round = 1
+        if self.cfg["resume"]:
+            first_round = self.resume() + 1
+            recorder.restore(self.history)
+            for row in self.history:
+                result.train_metrics_clientapp[row["round"]] = MetricRecord(numeric(row))
         self.discover_nodes(grid)
         _ = self.split_server
-        result.evaluate_metrics_serverapp[0] = MetricRecord(self._evaluate(0, evaluate_fn))
-        for server_round in range(1, num_rounds + 1):
+        if first_round == 1:
+            self.evaluations[0] = self._evaluate(0, evaluate_fn)
+        for server_round in range(first_round, num_rounds + 1):
             account = RoundAccount()
             started = time.perf_counter()
             self.rejections = Counter()
@@ -211,13 +221,16 @@ class SplitStrategy(Strategy):
             row: dict[str, Any] = {"round": server_round, **metrics, **account.as_metrics()}
             row.update({f"rejected.{reason}": count for reason, count in sorted(self.rejections.items())})
             if server_round % self.cfg["eval-every"] == 0 or server_round == num_rounds:
-                evaluation = self._evaluate(server_round, evaluate_fn)
-                row.update(evaluation)
-                result.evaluate_metrics_serverapp[server_round] = MetricRecord(evaluation)
+                self.evaluations[server_round] = self._evaluate(server_round, evaluate_fn)
+                row.update(self.evaluations[server_round])
             row["seconds"] = time.perf_counter() - started
             result.train_metrics_clientapp[server_round] = MetricRecord(numeric(row))
             self.history.append(row)
             recorder.record(row)
+            self.check_progress(row)
+            if self.cfg["checkpoint-every"] and server_round % self.cfg["checkpoint-every"] == 0:
+                self.save_checkpoint(server_round)
+        result.evaluate_metrics_serverapp.update({r: MetricRecord(m) for r, m in sorted(self.evaluations.items())})
         final = self.finish(grid)
         self.sync_server_weights()
         result.arrays = tensors_to_record(self.model.state_dict())
@@ -225,6 +238,94 @@ class SplitStrategy(Strategy):
         if isinstance(self._split_server, RaySplitServer):
             self._split_server.close()
         return result
+
+    # ------------------------------------------------------------------ faults and progress
+    def enough_replies(self, kept: Sequence[Any], exchange: str, metrics: dict[str, Any]) -> bool:
+        """Whether ``kept`` meets ``min-replies``; if not, mark the round skipped (the caller leaves the model alone)."""
+        if len(kept) >= self.cfg["min-replies"]:
+            return True
+        metrics["skipped"] = 1
+        log(WARNING, "[%s] round skipped: %d valid %s replies, min-replies=%d", self.name, len(kept), exchange, self.cfg["min-replies"])
+        return False
+
+    def check_progress(self, row: Mapping[str, Any]) -> None:
+        """Stop with an error after ``max-skipped-rounds`` skipped rounds in a row."""
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if row.get("skipped") else 0
+        if self.skipped_in_a_row >= self.cfg["max-skipped-rounds"]:
+            rejected = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in row.items() if k.startswith("rejected.")) or "none"
+            raise RuntimeError(
+                f"[{self.name}] no progress: rounds {row['round'] - self.skipped_in_a_row + 1}-{row['round']} were all "
+                f"skipped with fewer than min-replies={self.cfg['min-replies']} valid replies "
+                f"(rejected in round {row['round']}: {rejected})"
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Everything a resumed run needs from this strategy (subclasses add their own parts)."""
+        return {
+            "server": self.split_server.state(),
+            "client": {k: v.detach().clone() for k, v in self.model.client_state().items()},
+            "schedule": self.schedule.state(),
+            "torch-rng": torch.get_rng_state(),
+            "history": [dict(row) for row in self.history],
+            "evaluations": {int(r): dict(m) for r, m in self.evaluations.items()},
+            "skipped-in-a-row": self.skipped_in_a_row,
+        }
+
+    def check_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Raise :class:`CheckpointError` unless ``state`` fits this strategy and model (nothing is loaded)."""
+        missing = [key for key in self.checkpoint_state_keys() if key not in state]
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {', '.join(missing)}")
+        check_tensors("client segment", state["client"], self.model.client_state())
+        check_tensors("server segment", state["server"].get("weights"), self.model.server.state_dict())
+        groups = state["server"].get("optimizer", {}).get("param_groups", [])
+        if sum(len(g["params"]) for g in groups) != len(self.model.server_parameters()):
+            raise CheckpointError("checkpoint's server optimizer does not fit this model's server segment")
+
+    def checkpoint_state_keys(self) -> tuple[str, ...]:
+        return ("server", "client", "schedule", "torch-rng", "history", "evaluations", "skipped-in-a-row")
+
+    def load_checkpoint_state(self, state: Mapping[str, Any]) -> None:
+        """Load a checked :meth:`checkpoint_state` (subclasses load their own parts)."""
+        self.split_server.load_state(state["server"])
+        self.sync_server_weights()
+        self.model.load_client_state(state["client"])
+        self.schedule.set_state(state["schedule"])
+        torch.set_rng_state(state["torch-rng"])
+        self.history = [dict(row) for row in state["history"]]
+        self.evaluations = {int(r): dict(m) for r, m in state["evaluations"].items()}
+        self.skipped_in_a_row = int(state["skipped-in-a-row"])
+
+    def save_checkpoint(self, server_round: int) -> None:
+        """Write the checkpoint of ``server_round`` to ``checkpoint-dir`` (atomically)."""
+        path = save_checkpoint(self.cfg["checkpoint-dir"], server_round, self.cfg, self.checkpoint_state())
+        log(INFO, "[%s] checkpoint of round %d written to %s", self.name, server_round, path)
+
+    def resume(self) -> int:
+        """Load the checkpoint in ``checkpoint-dir`` whole or not at all; return its round.
+
+        A missing, corrupt or truncated file, a different run config or a state that does not fit
+        the model raises :class:`CheckpointError` before anything is changed.
+        """
+        directory = self.cfg["checkpoint-dir"]
+        content = read_checkpoint(directory)
+        check_same_run(checkpoint_path(directory), content["config"], self.cfg)
+        saved_round = int(content["round"])
+        if saved_round >= self.cfg["num-server-rounds"]:
+            raise CheckpointError(
+                f"checkpoint {checkpoint_path(directory)} is of round {saved_round}: nothing left to run "
+                f"with num-server-rounds={self.cfg['num-server-rounds']}"
+            )
+        self.check_checkpoint_state(content["state"])
+        before = self.checkpoint_state()
+        try:
+            self.load_checkpoint_state(content["state"])
+        except Exception as error:  # noqa: BLE001 - put everything back, then refuse
+            self.load_checkpoint_state(before)
+            raise CheckpointError(f"checkpoint {checkpoint_path(directory)} does not load: {error}") from error
+        log(INFO, "[%s] resumed from the checkpoint of round %d in %s", self.name, saved_round, directory)
+        return saved_round
 
     def finish(self, grid: Grid) -> dict[str, Any]:
         """Called once after the last round (e.g. a final sync); returns summary metrics."""
@@ -340,11 +441,15 @@ class SplitStrategy(Strategy):
             if clash:
                 raise RuntimeError(f"nodes {clash[0].node_id} and {node.node_id} both hold partition {node.partition_id}")
             self.nodes[node.node_id] = node
+            self.node_discovered(node, info)
         if len(self.nodes) < self.cfg["clients-per-round"]:
             raise ConfigError(
                 "clients-per-round", self.cfg["clients-per-round"], f"must be <= the number of nodes ({len(self.nodes)})"
             )
         log(INFO, "[%s] %d nodes, partitions %s", self.name, len(self.nodes), sorted(n.partition_id for n in self.nodes.values()))
+
+    def node_discovered(self, node: NodeInfo, info: ConfigRecord) -> None:
+        """Called for each new node with its ``query.hello`` reply (e.g. to learn its sync state)."""
 
     def _smashed_shape(self) -> tuple[int, ...] | None:
         """Per-example shape of ``z`` (from one held-out example), for reply validation."""

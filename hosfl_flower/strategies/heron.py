@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 
 from ..accounting import RoundAccount
+from ..checkpoint import check_tensors
 from ..models.aux_head import build_aux_head
 from ..records import record_to_tensors, tensors_to_record
 from .aggregation import check_state, weighted_average
@@ -51,6 +52,21 @@ class HeronSFLStrategy(SplitStrategy):
             z = self.model.smash(self.test.take(torch.arange(1)).inputs)["z"]
         self.aux_head = build_aux_head(self.cfg["heron.head"], z, self.model.num_classes, self.cfg["seed"])
         self.expected_steps = upload_steps(self.cfg["heron.local-steps"], self.cfg["heron.upload-every"])
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The base state plus the auxiliary head ``θ_a``."""
+        return {**super().checkpoint_state(), "aux-head": {k: v.clone() for k, v in self.aux_head.state_dict().items()}}
+
+    def checkpoint_state_keys(self) -> tuple[str, ...]:
+        return (*super().checkpoint_state_keys(), "aux-head")
+
+    def check_checkpoint_state(self, state) -> None:
+        super().check_checkpoint_state(state)
+        check_tensors("auxiliary head", state["aux-head"], self.aux_head.state_dict())
+
+    def load_checkpoint_state(self, state) -> None:
+        super().load_checkpoint_state(state)
+        self.aux_head.load_state_dict(state["aux-head"])
 
     def configure_train(self, server_round: int, arrays, config, grid: Grid) -> list[Message]:
         """``train.heron`` to the sampled nodes: ``θ_c``, ``θ_a`` and the local-training settings."""
@@ -107,8 +123,7 @@ class HeronSFLStrategy(SplitStrategy):
         """Server steps on the smashed batches client by client, then FedAvg of ``θ_c`` and ``θ_a``
         weighted by :meth:`aggregation_weights` (examples)."""
         metrics: dict[str, Any] = {"replies": len(kept), "server-batches": 0}
-        if not kept:
-            metrics["skipped"] = 1
+        if not self.enough_replies(kept, "heron", metrics):
             return metrics
         losses, seconds = [], 0.0
         for reply in kept:

@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from ..accounting import RoundAccount
+from ..checkpoint import CheckpointError
 from ..config import resolve_run_config
 from ..client import OPTIMIZER_PREFIX
 from ..records import ledger_to_record, tensors_to_record
@@ -50,7 +51,58 @@ class HOSFLStrategy(SplitStrategy):
         self.client_optimizer = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
         self.node_applied: dict[int, int] = {}
         self.needs_weights: set[int] = set()
+        self._saved_sync: dict[int, tuple[int, bool]] = {}
         self._round: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ node sync state and checkpoints
+    def node_discovered(self, node: NodeInfo, info: ConfigRecord) -> None:
+        """Start from the round the node says it has applied; a node ahead of the ledger (its state
+        outlived a server restart from an older checkpoint) is repaired with the weights."""
+        reported = int(info.get("applied-round", 0))
+        if reported > self.ledger.last_round:
+            self.needs_weights.add(node.node_id)
+            reported = 0
+        saved = self._saved_sync.get(node.partition_id)
+        if saved is not None and saved[0] == reported and saved[1]:
+            self.needs_weights.add(node.node_id)
+        self.node_applied[node.node_id] = reported
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The base state plus the ledger, the client optimizer of the replica and each node's sync state."""
+        partition = {node_id: node.partition_id for node_id, node in self.nodes.items()}
+        return {
+            **super().checkpoint_state(),
+            "ledger": [(e.round, list(e.seeds), list(e.scalars), e.lr, e.mu) for e in self.ledger],
+            "client-optimizer": {k: v.clone() for k, v in self.client_optimizer.state_tensors().items()},
+            "node-sync": {
+                partition[n]: (applied, n in self.needs_weights) for n, applied in self.node_applied.items() if n in partition
+            },
+        }
+
+    def checkpoint_state_keys(self) -> tuple[str, ...]:
+        return (*super().checkpoint_state_keys(), "ledger", "client-optimizer", "node-sync")
+
+    def check_checkpoint_state(self, state) -> None:
+        super().check_checkpoint_state(state)
+        try:
+            entries = [LedgerEntry(int(r), tuple(int(x) for x in seeds), tuple(float(v) for v in scalars), float(lr), float(mu))
+                       for r, seeds, scalars, lr, mu in state["ledger"]]
+            Ledger(entries)
+            trial = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
+            trial.load_state_tensors(dict(state["client-optimizer"]))
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"checkpoint's ledger or client optimizer is invalid: {error}") from None
+
+    def load_checkpoint_state(self, state) -> None:
+        super().load_checkpoint_state(state)
+        self.ledger = Ledger(
+            LedgerEntry(int(r), tuple(int(x) for x in seeds), tuple(float(v) for v in scalars), float(lr), float(mu))
+            for r, seeds, scalars, lr, mu in state["ledger"]
+        )
+        self.client_optimizer = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
+        self.client_optimizer.load_state_tensors(dict(state["client-optimizer"]))
+        self._saved_sync = {int(p): (int(applied), bool(repair)) for p, (applied, repair) in state["node-sync"].items()}
+        self.node_applied, self.needs_weights = {}, set()
 
     # ------------------------------------------------------------------ catch-up
     def catch_up_records(self, node: NodeInfo) -> dict[str, Any]:
@@ -138,7 +190,11 @@ class HOSFLStrategy(SplitStrategy):
         return [float(v) for v in values]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate the probe replies into ``v̄``, append it to the ledger and update the replica of ``θ_c``."""
+        """Aggregate the probe replies into ``v̄``, append it to the ledger and update the replica of ``θ_c``.
+
+        With at least ``min-replies`` valid probe replies the server's pending step on ``θ_s`` is
+        taken too; with fewer the round is skipped and neither segment changes.
+        """
         smashed_by_node = {r.node.node_id: r for r in self._round["kept"]}
         probes = self.collect(
             replies,
@@ -149,31 +205,34 @@ class HOSFLStrategy(SplitStrategy):
         kept_examples = sum(smashed.num_examples for smashed, _, _ in probes)
         seconds = sum(meta_seconds(reply) for _, _, reply in probes)
         metrics = {"probe-replies": len(kept_scalars), "client-seconds": seconds}
-        if kept_scalars:
-            total = sum(r.num_examples for r in self._round["kept"])
-            entry = LedgerEntry(
-                server_round, self._round["seeds"], aggregate_scalars(kept_scalars, kept_examples, total), self.cfg["client.lr"], self.cfg["zo.mu"]
-            )
-            self.ledger.append(entry)
-            apply_entry(self.model.client_parameters(), self.client_optimizer, entry)
+        if not self.enough_replies(kept_scalars, "probe", metrics):
+            self.split_server.discard_pending()
+            return None, MetricRecord(metrics)
+        self.split_server.apply_pending()
+        total = sum(r.num_examples for r in self._round["kept"])
+        entry = LedgerEntry(
+            server_round, self._round["seeds"], aggregate_scalars(kept_scalars, kept_examples, total), self.cfg["client.lr"], self.cfg["zo.mu"]
+        )
+        self.ledger.append(entry)
+        apply_entry(self.model.client_parameters(), self.client_optimizer, entry)
         return None, MetricRecord(metrics)
 
     # ------------------------------------------------------------------ the round
     def run_round(self, grid: Grid, server_round: int, account: RoundAccount) -> dict[str, Any]:
-        """``train.smash`` → server step → ``train.probe`` → ledger update."""
+        """``train.smash`` → server step (held back until the probes arrive) → ``train.probe`` → ledger update."""
         replies = self.exchange(grid, self.configure_train(server_round, None, None, grid), account)
         kept: list[SmashedReply] = self.collect(replies, self._round["nodes"], self.validate_smash)
         self._round["kept"] = kept
         metrics: dict[str, Any] = {"sampled": len(self._round["nodes"]), "smash-replies": len(kept)}
-        if not kept:
-            metrics["skipped"] = 1
-            return metrics
         account.client_seconds += sum(r.client_seconds for r in kept)
+        if not self.enough_replies(kept, "smash", metrics):
+            return metrics
+        probing = bool(self._round["seeds"])
         weights = self.aggregation_weights(server_round, [r.num_examples for r in kept])
-        step = self.split_server.step([(r.smashed, r.labels) for r in kept], weights)
+        step = self.split_server.step([(r.smashed, r.labels) for r in kept], weights, apply=not probing)
         account.server_seconds += step.seconds
         metrics["train-loss"] = step.loss
-        if self._round["seeds"]:
+        if probing:
             replies = self.exchange(grid, self.configure_probe(server_round, kept, step.activation_grads), account)
             _, probe_metrics = self.aggregate_train(server_round, replies)
             account.client_seconds += float(probe_metrics.pop("client-seconds"))

@@ -44,14 +44,19 @@ class SplitFedV2Strategy(SplitStrategy):
 
     # ------------------------------------------------------------------ hooks for V1
     def begin_round(self, nodes: Sequence[NodeInfo]) -> None:
-        """Called before the first step of a round."""
+        """Called before the first step of a round; V2 keeps ``θ_s`` as it was, in case the round is skipped."""
+        self._snapshot = self.split_server.state()
 
     def server_steps(self, nodes: Sequence[NodeInfo], batches) -> list[StepResult]:
         """One server step per (node, batch); V2: in sequence on the one server model."""
         return [self.split_server.step([batch], [1.0]) for batch in batches]
 
     def end_round(self, finished: Sequence[NodeInfo], weights: Sequence[float]) -> None:
-        """Called after the client segments are averaged (with no nodes when the round failed)."""
+        """Called after the client segments are averaged; with no nodes the round was skipped and
+        ``θ_s`` goes back to its state at the start of the round."""
+        if not finished:
+            self.split_server.load_state(self._snapshot)
+        self._snapshot = None
 
     # ------------------------------------------------------------------ the round
     def run_round(self, grid: Grid, server_round: int, account: RoundAccount) -> dict[str, Any]:
@@ -66,8 +71,7 @@ class SplitFedV2Strategy(SplitStrategy):
                 messages = [self._smash_message(node, server_round, step) for node in active]
             replies = self.exchange(grid, messages, account)
             kept = self.collect(replies, active, self._validate_smash)
-            if not kept:
-                metrics["skipped"] = 1
+            if not self.enough_replies(kept, "smash", metrics):
                 break
             results = self.server_steps([node for node, _, _, _ in kept], [(sm, y) for _, sm, y, _ in kept])
             account.server_seconds += sum(r.seconds for r in results)
@@ -93,8 +97,10 @@ class SplitFedV2Strategy(SplitStrategy):
                 metrics.update(dict(round_metrics))
             else:
                 active = self.collect(replies, self._round["stepping"], self._validate_grad)
+                if not self.enough_replies(active, "gradient", metrics):
+                    break
             account.client_seconds += sum(meta_seconds(r) for r in replies if not r.has_error())
-        if not metrics["finished"]:
+        if metrics.get("skipped"):
             self.end_round([], [])
         if losses:
             metrics["train-loss"] = sum(losses) / len(losses)
@@ -120,8 +126,7 @@ class SplitFedV2Strategy(SplitStrategy):
         """FedAvg of the client segments returned after the last step (weighted by examples)."""
         finished = self.collect(replies, self._round["stepping"], self._validate_final)
         metrics: dict[str, Any] = {"finished": len(finished)}
-        if not finished:
-            metrics["skipped"] = 1
+        if not self.enough_replies(finished, "final", metrics):
             return None, MetricRecord(metrics)
         weights = self.aggregation_weights(server_round, [node.num_examples for node, _ in finished])
         self.model.load_client_state(weighted_average([state for _, state in finished], weights))
@@ -141,6 +146,7 @@ class SplitFedV1Strategy(SplitFedV2Strategy):
     name = "splitfed-v1"
 
     def begin_round(self, nodes: Sequence[NodeInfo]) -> None:
+        """One server copy per node; ``θ_s`` itself changes only when the copies are averaged."""
         copies = self.split_server.copies(len(nodes))
         self._copies = {node.node_id: server for node, server in zip(nodes, copies)}
 

@@ -52,10 +52,9 @@ class ZOSFLStrategy(HOSFLStrategy):
         replies = self.exchange(grid, self.configure_train(server_round, None, None, grid), account)
         kept: list[SmashedReply] = self.collect(replies, self._round["nodes"], self.validate_smash)
         metrics: dict[str, Any] = {"sampled": len(self._round["nodes"]), "smash-replies": len(kept)}
-        if not kept or not self._round["seeds"]:
-            metrics["skipped"] = int(not kept)
-            return metrics
         account.client_seconds += sum(r.client_seconds for r in kept)
+        if not self.enough_replies(kept, "smash", metrics) or not self._round["seeds"]:
+            return metrics
         weights = self.aggregation_weights(server_round, [r.num_examples for r in kept])
         loss, scalars, seconds = self.split_server.zo_step(
             [(r.smashed, r.labels) for r in kept],
