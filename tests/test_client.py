@@ -185,3 +185,32 @@ def test_weight_cache_notices_any_in_place_change():
     assert not WEIGHT_CACHE.holds(model, tag)
     WEIGHT_CACHE.mark(model, None)
     assert not WEIGHT_CACHE.holds(model, None)
+
+
+def test_node_state_records_are_ordinary_flower_arrays():
+    """The client's own record encoding is the .npy format Flower reads, and decodes what Flower writes."""
+    import numpy as np
+
+    from hosfl_flower.client import _decode, _encode
+    from hosfl_flower.records import record_to_tensors, tensors_to_record
+
+    tensors = {
+        "w": torch.randn(3, 4),
+        "t": torch.randn(5, 6).t(),  # not contiguous
+        "ids": torch.arange(12, dtype=torch.int64).reshape(2, 6),
+        "step": torch.tensor(7, dtype=torch.int64),
+        "empty": torch.zeros(0, 3),
+        "half": torch.randn(4, dtype=torch.float16),
+    }
+    for _ in range(2):  # the second pass uses the cached headers
+        ours = _encode(tensors)
+        for name, t in tensors.items():
+            assert np.array_equal(ours[name].numpy(), t.numpy()), name
+            assert ours[name].data == tensors_to_record({name: t})[name].data, name
+        back = _decode(ours)
+        flower = _decode(tensors_to_record(tensors))
+        for name, t in tensors.items():
+            assert torch.equal(back[name], t) and torch.equal(flower[name], t), name
+            assert back[name].dtype == t.dtype and back[name].is_contiguous()
+        back["w"].add_(1.0)  # decoded tensors are writable and owned
+        assert torch.equal(record_to_tensors(ours)["w"], tensors["w"])

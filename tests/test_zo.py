@@ -314,3 +314,28 @@ def test_probe_releases_each_output_before_the_next_forward():
 
     scalars = hybrid_probe_scalars(forward, params, float(z.sum()), torch.ones_like(z), [1, 2, 3], 1e-3)
     assert len(scalars) == 3 and len(previous) == 3
+
+
+def test_probe_with_kept_directions_equals_redrawing_them(monkeypatch):
+    """Small segments draw each probe's directions once for perturbing and restoring; the scalars and the
+    parameters left behind are the same bits as with perturb_ drawing them twice."""
+    import hosfl_flower.zo.estimator as estimator
+    from hosfl_flower.zo import draw_directions_
+
+    x = torch.randn(8, 1, 8, 8)
+    runs = []
+    for keep in (1 << 16, 0):
+        monkeypatch.setattr(estimator, "KEEP_DIRECTIONS_FLOATS", keep)
+        model = conv_client()
+        params = trainable_parameters(model)
+        with torch.no_grad():
+            z = model(x)
+        scalars = hybrid_probe_scalars(lambda: model(x), params, z, torch.ones_like(z), [4, 5, 6], 1e-2)
+        runs.append((scalars, [p.detach().clone() for p in params]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    buffers = [torch.empty(s) for s in SHAPES[:6]]
+    draw_directions_(buffers, 21, first_index=3)
+    assert all(torch.equal(u, fresh_direction(21, i + 3, u.shape)) for i, u in enumerate(buffers))
+    with pytest.raises(ValueError):
+        draw_directions_([torch.empty(3, dtype=torch.float64)], 1)

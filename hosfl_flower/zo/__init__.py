@@ -5,6 +5,7 @@ This package has no Flower imports; the Flower layer and the in-process referenc
 
 from .directions import (
     direction,
+    draw_directions_,
     fingerprint,
     mix_seed,
     perturb_,
@@ -27,6 +28,7 @@ __all__ = [
     "apply_entry",
     "direction",
     "dot64",
+    "draw_directions_",
     "estimate_gradient",
     "fingerprint",
     "hybrid_probe_scalars",

@@ -23,8 +23,12 @@ from torch import nn
 _MASK64 = (1 << 64) - 1
 
 SCRATCH_FLOATS = 1 << 16
-"""Directions up to this many floats are drawn into a reused per-thread buffer (256 KiB at most);
-larger ones get their own tensor, whose allocation is small next to drawing its random numbers."""
+"""Directions of float32 CPU tensors up to this many elements are drawn into a per-thread buffer of
+their shape, reused by every later draw of that shape; larger ones get their own tensor, whose
+allocation is small next to drawing its random numbers."""
+
+SCRATCH_TOTAL_FLOATS = 1 << 20
+"""Cap on the floats held in one thread's buffers (4 MiB); past it they are dropped and rebuilt."""
 
 
 def _splitmix64(value: int) -> int:
@@ -59,30 +63,42 @@ def _direction_seed(seed: int, index: int) -> int:
 
 
 class _ThreadState(threading.local):
-    """One CPU generator and one scratch buffer per thread (a generator is not safe to share)."""
+    """One CPU generator and the scratch buffers of one thread (a generator is not safe to share)."""
 
     def __init__(self) -> None:
         self.generator = torch.Generator(device="cpu")
-        self.scratch = torch.empty(0, dtype=torch.float32)
+        self.buffers: dict[torch.Size, torch.Tensor] = {}
+        self.buffered = 0
 
 
 _THREAD = _ThreadState()
 
 
-def _draw(seed: int, index: int, shape: torch.Size, scratch: bool) -> torch.Tensor:
-    """The float32 CPU direction; with ``scratch``, possibly a view of this thread's buffer (valid until
-    the next draw in this thread)."""
-    state = _THREAD
-    generator = state.generator
-    generator.manual_seed(_direction_seed(seed, index))
-    if scratch:
+def _scratch(state: _ThreadState, shape: torch.Size) -> torch.Tensor | None:
+    buffer = state.buffers.get(shape)
+    if buffer is None:
         numel = shape.numel()
-        if numel <= SCRATCH_FLOATS:
-            if state.scratch.numel() < numel:
-                state.scratch = torch.empty(max(numel, 256), dtype=torch.float32)
+        if numel > SCRATCH_FLOATS:
+            return None
+        if state.buffered + numel > SCRATCH_TOTAL_FLOATS:
+            state.buffers, state.buffered = {}, 0
+        buffer = state.buffers[shape] = torch.empty(shape, dtype=torch.float32)
+        state.buffered += numel
+    return buffer
+
+
+def _transient(state: _ThreadState, like: torch.Tensor) -> torch.Tensor:
+    """The direction for ``like`` from ``state.generator`` as seeded; float32 CPU directions of small
+    tensors are this thread's buffer of that shape, valid until the next draw of the same shape."""
+    generator = state.generator
+    if like.dtype is torch.float32 and like.is_cpu:
+        buffer = _scratch(state, like.shape)
+        if buffer is not None:
             # normal_ on a contiguous float32 tensor is exactly what torch.randn does after allocating it
-            return state.scratch[:numel].view(shape).normal_(generator=generator)
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+            return buffer.normal_(generator=generator)
+        return torch.randn(like.shape, generator=generator, dtype=torch.float32)
+    u = torch.randn(like.shape, generator=generator, dtype=torch.float32)
+    return u.to(device=like.device, dtype=like.dtype)
 
 
 def direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
@@ -90,18 +106,33 @@ def direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
 
     The result is a new tensor the caller owns.
     """
-    u = _draw(seed, index, like.shape, scratch=False)
+    generator = _THREAD.generator
+    generator.manual_seed(_direction_seed(seed, index))
+    u = torch.randn(like.shape, generator=generator, dtype=torch.float32)
     if u.device != like.device or u.dtype != like.dtype:
         u = u.to(device=like.device, dtype=like.dtype)
     return u
 
 
 def transient_direction(seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
-    """:func:`direction` for immediate use: it may share memory with a per-thread buffer that the next
-    draw in this thread overwrites (``x.add_(transient_direction(...))`` is the intended use)."""
-    if like.dtype == torch.float32 and like.device.type == "cpu":
-        return _draw(seed, index, like.shape, scratch=True)
-    return _draw(seed, index, like.shape, scratch=False).to(device=like.device, dtype=like.dtype)
+    """:func:`direction` for immediate use: it may be a per-thread buffer that the next draw of the same
+    shape in this thread overwrites (``x.add_(transient_direction(...))`` is the intended use)."""
+    state = _THREAD
+    state.generator.manual_seed(_direction_seed(seed, index))
+    return _transient(state, like)
+
+
+@torch.no_grad()
+def draw_directions_(buffers: Sequence[torch.Tensor], seed: int, first_index: int = 0) -> None:
+    """Fill each float32 CPU buffer with its direction under ``seed`` (buffer ``k`` gets direction
+    ``first_index + k``): the values :func:`direction` returns, without allocating."""
+    state = _THREAD
+    generator = state.generator
+    for index, buffer in enumerate(buffers, start=first_index):
+        if buffer.dtype is not torch.float32 or not buffer.is_cpu or not buffer.is_contiguous():
+            raise ValueError("direction buffers must be contiguous float32 CPU tensors")
+        generator.manual_seed(_direction_seed(seed, index))
+        buffer.normal_(generator=generator)
 
 
 @torch.no_grad()
@@ -111,8 +142,11 @@ def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, first_inde
     ``first_index`` numbers the parameters from that index on, so two segments (client, then
     server) can share one direction over their concatenation.
     """
+    state = _THREAD
+    generator = state.generator
     for index, param in enumerate(params, start=first_index):
-        param.add_(transient_direction(seed, index, param), alpha=scale)
+        generator.manual_seed(_direction_seed(seed, index))
+        param.add_(_transient(state, param), alpha=scale)
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:

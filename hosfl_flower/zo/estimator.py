@@ -11,12 +11,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .directions import perturb_
+from .directions import draw_directions_, perturb_
 from .ledger import zo_gradient
 
 
 DOT_CHUNK = 1 << 15
 """Elements per chunk of :func:`dot64`: its float64 temporaries stay at 256 KiB whatever the tensor size."""
+
+KEEP_DIRECTIONS_FLOATS = 1 << 16
+"""Client segments up to this many trainable floats keep each probe's directions between perturbing and
+restoring (drawn once instead of twice; at most 256 KiB). Larger ones redraw them."""
 
 
 @torch.no_grad()
@@ -29,6 +33,9 @@ def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = DOT_CHUNK) -> float:
     if a.numel() != b.numel():
         raise ValueError(f"dot of tensors with {a.numel()} and {b.numel()} elements")
     a, b = a.reshape(-1), b.reshape(-1)
+    if a.numel() <= chunk:
+        part = a.to(torch.float64, copy=True)
+        return float(part.mul_(b).sum())
     total = 0.0
     for start in range(0, a.numel(), chunk):
         part = a[start : start + chunk].to(torch.float64, copy=True)  # never an alias of a
@@ -64,12 +71,26 @@ def hybrid_probe_scalars(
     else:
         base = float(anchor)
     scalars = []
+    kept = None  # the directions of the current seed, when they are small enough to keep
+    if sum(p.numel() for p in params) <= KEEP_DIRECTIONS_FLOATS and all(
+        p.dtype is torch.float32 and p.is_cpu for p in params
+    ):
+        kept = [torch.empty(p.shape, dtype=torch.float32) for p in params]
     for seed in seeds:
-        perturb_(params, seed, mu)
+        if kept is None:
+            perturb_(params, seed, mu)
+        else:  # the same values perturb_ draws, drawn once for both steps
+            draw_directions_(kept, seed)
+            for param, u in zip(params, kept):
+                param.add_(u, alpha=mu)
         try:
             perturbed = forward()
         finally:
-            perturb_(params, seed, -mu)
+            if kept is None:
+                perturb_(params, seed, -mu)
+            else:
+                for param, u in zip(params, kept):
+                    param.add_(u, alpha=-mu)
         if perturbed.shape != lam.shape:
             raise ValueError(f"λ has shape {tuple(lam.shape)} but f_c returned {tuple(perturbed.shape)}")
         scalars.append(dot64(lam, perturbed) - base)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .directions import transient_direction
+from .directions import _THREAD, _direction_seed, _transient
 from .optim import ClientOptimizer
 
 
@@ -41,9 +41,12 @@ class LedgerEntry:
 
 def _zo_gradient(index: int, param: torch.Tensor, seeds: Sequence[int], coefficients: Sequence[float]) -> torch.Tensor:
     # the caller holds torch.no_grad(); each direction is consumed before the next one is drawn
+    state = _THREAD
+    generator = state.generator
     grad = torch.zeros_like(param)
     for seed, coefficient in zip(seeds, coefficients):
-        grad.add_(transient_direction(seed, index, param), alpha=coefficient)
+        generator.manual_seed(_direction_seed(seed, index))
+        grad.add_(_transient(state, param), alpha=coefficient)
     return grad
 
 
