@@ -55,11 +55,11 @@ def _corrupt(reply: Message, how: str) -> Message:
         values = [values] if isinstance(values, (int, float)) else list(values)
         content["scalars"] = MetricRecord({"values": [float("nan")] * len(values) if how == "nan" else values[:-1]})
         return reply
-    smashed = content.array_records.get("smashed")
-    if smashed is not None and "z" in smashed:
-        tensors = record_to_tensors(smashed)
-        tensors["z"] = tensors["z"].clone().fill_(float("nan")) if how == "nan" else tensors["z"][:-1]
-        content["smashed"] = tensors_to_record(tensors)
+    for name in [name for name in content.array_records if name.split(".")[0] == "smashed"]:
+        tensors = record_to_tensors(content.array_records[name])
+        if "z" in tensors:
+            tensors["z"] = tensors["z"].clone().fill_(float("nan")) if how == "nan" else tensors["z"][:-1]
+            content[name] = tensors_to_record(tensors)
     return reply
 
 

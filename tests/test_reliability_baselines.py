@@ -1,0 +1,76 @@
+"""Faults and checkpoints for the other split strategies (HO-SFL's are in test_reliability.py)."""
+
+import json
+
+import pytest
+import torch
+
+from hosfl_flower.app import build_strategy
+from hosfl_flower.checkpoint import save_checkpoint
+from hosfl_flower.zo import LedgerEntry, apply_entry
+
+FAULTS = "faults.failure-rate=0.3 faults.nan-partition=1 faults.wrong-count-partition=2"
+
+
+@pytest.mark.parametrize("strategy", ["splitfed-v2", "heron-sfl", "zo-sfl"])
+def test_faulty_replies_never_reach_the_model(simulate, strategy):
+    _, results = simulate(
+        f"strategy='{strategy}' num-server-rounds=8 eval-every=1 clients-per-round=4 min-replies=2 "
+        f"max-skipped-rounds=9 splitfed.local-steps=2 {FAULTS}",
+        num_supernodes=10,
+    )
+    final = torch.load(results / "final-model.pt")
+    rows = [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()]
+    assert len(rows) == 8
+    assert all(bool(torch.isfinite(t).all()) for segment in ("client", "server") for t in final[segment].values())
+    reasons = {key.split(".", 1)[1] for row in rows for key in row if key.startswith("rejected.")}
+    assert "error" in reasons and "non-finite" in reasons and "wrong-shape" in reasons
+    by_round = {row["round"]: row for row in rows}
+    skipped = [row["round"] for row in rows if row.get("skipped")]
+    kept = [row["round"] for row in rows if not row.get("skipped")]
+    assert skipped and kept, (skipped, kept)
+    for r in skipped:  # a skipped round leaves the model as it was (SplitFed V2 puts θ_s back)
+        if r > 1:
+            assert (by_round[r]["loss"], by_round[r]["accuracy"]) == (by_round[r - 1]["loss"], by_round[r - 1]["accuracy"])
+
+
+def _touch(strategy):
+    """Move every part of a strategy's state away from its initial values."""
+    batch = strategy.test.take(torch.arange(8))
+    with torch.no_grad():
+        smashed = strategy.model.smash(batch.inputs)
+    strategy.split_server.step([(smashed, batch.labels)], [1.0])
+    with torch.no_grad():
+        for param in strategy.model.client_parameters():
+            param.add_(0.01)
+    if hasattr(strategy, "ledger"):
+        entry = LedgerEntry(1, (11, 12), (0.5, -0.25), 0.001, 1e-3)
+        strategy.ledger.append(entry)
+        apply_entry(strategy.model.client_parameters(), strategy.client_optimizer, entry)
+    if hasattr(strategy, "aux_head"):
+        with torch.no_grad():
+            for param in strategy.aux_head.parameters():
+                param.mul_(0.5)
+    strategy.schedule.seeds(3)
+    strategy.history = [{"round": 1, "loss": 1.5}]
+
+
+@pytest.mark.parametrize("name", ["hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl"])
+def test_checkpoint_round_trip_restores_every_part(name, tmp_path):
+    config = {"strategy": name, "client.optimizer": "adamw", "results-dir": "", "checkpoint-dir": str(tmp_path)}
+    source = build_strategy(config)
+    _touch(source)
+    save_checkpoint(tmp_path, 1, source.cfg, source.checkpoint_state())
+    target = build_strategy({**config, "resume": True})
+    assert target.resume() == 1
+    for key, tensor in source.model.state_dict().items():
+        assert torch.equal(target.model.state_dict()[key], tensor), key
+    saved, loaded = source.split_server.state()["optimizer"], target.split_server.state()["optimizer"]
+    assert all(torch.equal(saved["state"][0][k], loaded["state"][0][k]) for k in saved["state"][0])
+    assert target.schedule.seeds(2) == source.schedule.seeds(2)
+    assert target.history == source.history
+    if hasattr(source, "ledger"):
+        assert list(target.ledger) == list(source.ledger)
+        assert all(torch.equal(v, target.client_optimizer.state_tensors()[k]) for k, v in source.client_optimizer.state_tensors().items())
+    if hasattr(source, "aux_head"):
+        assert all(torch.equal(v, target.aux_head.state_dict()[k]) for k, v in source.aux_head.state_dict().items())
