@@ -144,12 +144,13 @@ def _strategy(config, checkpoints):
     return build_strategy({**config, "checkpoint-dir": str(checkpoints), "results-dir": ""})
 
 
-def _snapshot(strategy):
-    return {k: v.clone() for k, v in strategy.model.state_dict().items()}
-
-
-def _unchanged(strategy, before):
-    return all(torch.equal(v, before[k]) for k, v in strategy.model.state_dict().items()) and len(strategy.ledger) == 0
+def _refused_and_unchanged(strategy, match):
+    """``resume()`` raises ``CheckpointError`` matching ``match`` and leaves the strategy as it was."""
+    before = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=match):
+        strategy.resume()
+    assert all(torch.equal(v, before[k]) for k, v in strategy.model.state_dict().items())
+    assert len(strategy.ledger) == 0 and strategy.history == []
 
 
 def test_a_good_checkpoint_loads_whole(saved_run):
@@ -166,11 +167,7 @@ def test_a_truncated_checkpoint_is_refused(saved_run, tmp_path, keep):
     checkpoints, config = saved_run
     data = checkpoint_path(checkpoints).read_bytes()
     checkpoint_path(tmp_path).write_bytes(data[: int(len(data) * keep)])
-    strategy = _strategy(config, tmp_path)
-    before = _snapshot(strategy)
-    with pytest.raises(CheckpointError, match="truncated"):
-        strategy.resume()
-    assert _unchanged(strategy, before)
+    _refused_and_unchanged(_strategy(config, tmp_path), "truncated")
 
 
 def test_a_flipped_byte_is_refused(saved_run, tmp_path):
@@ -185,11 +182,7 @@ def test_a_flipped_byte_is_refused(saved_run, tmp_path):
 @pytest.mark.parametrize("key,value", [("seed", 1), ("cut-layer", 3), ("zo.num-perturbations", 4)])
 def test_a_checkpoint_of_another_run_is_refused_naming_the_key(saved_run, key, value):
     checkpoints, config = saved_run
-    strategy = _strategy({**config, key: value}, checkpoints)
-    before = _snapshot(strategy)
-    with pytest.raises(CheckpointError, match=f"different run: {key}="):
-        strategy.resume()
-    assert _unchanged(strategy, before)
+    _refused_and_unchanged(_strategy({**config, key: value}, checkpoints), f"different run: {key}=")
 
 
 def test_a_state_that_does_not_fit_is_refused_before_anything_loads(saved_run, tmp_path):
@@ -199,11 +192,7 @@ def test_a_state_that_does_not_fit_is_refused_before_anything_loads(saved_run, t
     name = next(iter(state["server"]["weights"]))
     state["server"]["weights"][name] = torch.zeros(7)
     save_checkpoint(tmp_path, content["round"], content["config"], state)
-    strategy = _strategy(config, tmp_path)
-    before = _snapshot(strategy)
-    with pytest.raises(CheckpointError, match=f"server segment.{name}"):
-        strategy.resume()
-    assert _unchanged(strategy, before)
+    _refused_and_unchanged(_strategy(config, tmp_path), f"server segment.{name}")
 
 
 def test_a_load_that_fails_halfway_is_rolled_back(saved_run, tmp_path):
@@ -211,11 +200,7 @@ def test_a_load_that_fails_halfway_is_rolled_back(saved_run, tmp_path):
     content = read_checkpoint(checkpoints)
     content["state"]["schedule"] = {"bit_generator": "no-such-generator"}
     save_checkpoint(tmp_path, content["round"], content["config"], content["state"])
-    strategy = _strategy(config, tmp_path)
-    before = _snapshot(strategy)
-    with pytest.raises(CheckpointError, match="does not load"):
-        strategy.resume()
-    assert _unchanged(strategy, before) and strategy.history == []
+    _refused_and_unchanged(_strategy(config, tmp_path), "does not load")
 
 
 def test_a_missing_checkpoint_is_refused(tmp_path):
