@@ -155,5 +155,6 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     for tensor in tensors:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # hashed through the buffer protocol: no copy of the bytes
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:32]
