@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.client import NumPyClient
 
 from .data import Examples, sample_batch
@@ -117,62 +117,6 @@ class WeightCache:
 
 WEIGHT_CACHE = WeightCache()
 """The process's cache of client weights (see :class:`WeightCache`)."""
-
-
-# ----------------------------------------------------------------- node-state records
-# The node state is written and read on every message, so its records are encoded and decoded here
-# without Flower's general path (``np.save``/``np.load`` through a file object for every array). The
-# bytes are the same ``.npy`` format Flower writes (``Array.numpy()`` reads them); only the header of
-# each (dtype, shape) is computed once by ``np.save`` and then reused.
-_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-_NPY_LAYOUTS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}
-_NPY_CACHE_LIMIT = 4096
-_NPY_STYPE = Array(np.zeros(1, dtype=np.float32)).stype
-
-
-def _encode_array(tensor: torch.Tensor) -> Array:
-    values = tensor.detach().cpu().contiguous().numpy()
-    key = (values.dtype.str, tuple(values.shape))
-    header = _NPY_HEADERS.get(key)
-    if header is None:
-        array = Array(values)  # Flower's own encoding; remember its header
-        if len(_NPY_HEADERS) < _NPY_CACHE_LIMIT:
-            _NPY_HEADERS[key] = array.data[: len(array.data) - values.nbytes]
-        return array
-    return Array(dtype=str(values.dtype), shape=key[1], stype=_NPY_STYPE, data=b"".join((header, values.data)))
-
-
-def _decode_array(array: Array) -> np.ndarray:
-    """A writable, C-contiguous array the caller owns."""
-    data = array.data
-    offset = None
-    if array.stype == _NPY_STYPE and data[:6] == b"\x93NUMPY" and len(data) > 12:
-        if data[6] == 1:
-            offset = 10 + int.from_bytes(data[8:10], "little")
-        elif data[6] in (2, 3):
-            offset = 12 + int.from_bytes(data[8:12], "little")
-    if offset is not None:
-        layout = _NPY_LAYOUTS.get(data[:offset])
-        if layout is not None:  # the same header bytes always describe the same dtype, shape and order
-            dtype, shape = layout
-            count = int(np.prod(shape, dtype=np.int64))
-            return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
-    values = array.numpy()
-    if offset is not None and values.flags.c_contiguous and len(_NPY_LAYOUTS) < _NPY_CACHE_LIMIT:
-        _NPY_LAYOUTS[data[:offset]] = (values.dtype, tuple(values.shape))
-    if not values.flags.writeable or not values.flags.c_contiguous:
-        values = np.array(values, copy=True, order="C")
-    return values
-
-
-def _encode(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` of ``tensors`` (what :func:`~hosfl_flower.records.tensors_to_record` makes)."""
-    return ArrayRecord({name: _encode_array(t) for name, t in tensors.items()})
-
-
-def _decode(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Tensors of an ``ArrayRecord`` (one owned copy each)."""
-    return {name: torch.from_numpy(_decode_array(array)) for name, array in record.items()}
 
 
 class OutOfSyncError(RuntimeError):
@@ -271,7 +215,7 @@ class HOSFLClient(NumPyClient):
         if WEIGHT_CACHE.holds(self.model, tag):
             return
         kept = WEIGHT_CACHE.get(self.model, tag)
-        self.model.load_client_state(kept if kept is not None else _decode(weights))
+        self.model.load_client_state(kept if kept is not None else record_to_tensors(weights))
         if tag is not None:
             WEIGHT_CACHE.put(self.model, tag)
         WEIGHT_CACHE.mark(self.model, tag)
@@ -282,7 +226,7 @@ class HOSFLClient(NumPyClient):
         optimizer = make_client_optimizer(self.settings.optimizer, self.settings.weight_decay)
         saved = self._array_record(STATE_OPTIMIZER)
         if saved is not None:
-            optimizer.load_state_tensors(_decode(saved))
+            optimizer.load_state_tensors(record_to_tensors(saved))
         return optimizer
 
     def persist(self, optimizer: ClientOptimizer, applied_round: int) -> str:
@@ -291,8 +235,8 @@ class HOSFLClient(NumPyClient):
         Returns the fingerprint of ``θ_c``, which the state keeps next to the applied round.
         """
         fp = fingerprint(self.model.client_parameters())
-        self.state[STATE_WEIGHTS] = _encode(self.model.client_state())
-        self.state[STATE_OPTIMIZER] = _encode(optimizer.state_tensors())
+        self.state[STATE_WEIGHTS] = tensors_to_record(self.model.client_state())
+        self.state[STATE_OPTIMIZER] = tensors_to_record(optimizer.state_tensors())
         self.state[STATE_SYNC] = ConfigRecord({"applied-round": int(applied_round), "fingerprint": fp})
         tag = (int(applied_round), fp)
         WEIGHT_CACHE.put(self.model, tag)
@@ -368,7 +312,7 @@ class HOSFLClient(NumPyClient):
         """Catch up, draw this round's minibatch, and return ``z = f_c(x)`` computed without gradients."""
         start = time.perf_counter()
         applied, batch, smashed = self._catch_up_and_smash(server_round, entries, from_round, replacement, replacement_round)
-        self.state[STATE_PROBE] = _encode(
+        self.state[STATE_PROBE] = tensors_to_record(
             {**{f"input.{k}": v for k, v in batch.inputs.items()}, "z": smashed["z"]}
         )
         self.state[STATE_PROBE + ".round"] = ConfigRecord({"round": int(server_round)})
@@ -387,7 +331,7 @@ class HOSFLClient(NumPyClient):
         kept_round = self._config_record(STATE_PROBE + ".round")
         if kept is None or kept_round is None or int(kept_round["round"]) != server_round:
             raise OutOfSyncError(f"probe for round {server_round} but this node holds no smashed batch of that round")
-        tensors = _decode(kept)
+        tensors = record_to_tensors(kept)
         z = tensors.pop("z")
         if z.shape != activation_grad.shape:
             raise ValueError(f"λ has shape {tuple(activation_grad.shape)} but z has shape {tuple(z.shape)}")

@@ -11,14 +11,59 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from .zo import LedgerEntry
 
 
+# Records are written and read on every message (node state, activations, gradients), so they are
+# encoded and decoded here without Flower's general path (``np.save``/``np.load`` through a file
+# object for every array). The bytes are the same ``.npy`` format Flower writes (``Array.numpy()``
+# reads them); only the header of each (dtype, shape) is computed once by ``np.save`` and reused.
+_NPY_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_NPY_LAYOUTS: dict[bytes, tuple[np.dtype, tuple[int, ...]]] = {}
+_NPY_CACHE_LIMIT = 4096
+_NPY_STYPE = Array(np.zeros(1, dtype=np.float32)).stype
+
+
+def _encode_array(tensor: torch.Tensor) -> Array:
+    values = tensor.detach().cpu().contiguous().numpy()
+    key = (values.dtype.str, tuple(values.shape))
+    header = _NPY_HEADERS.get(key)
+    if header is None:
+        array = Array(values)  # Flower's own encoding; remember its header
+        if len(_NPY_HEADERS) < _NPY_CACHE_LIMIT:
+            _NPY_HEADERS[key] = array.data[: len(array.data) - values.nbytes]
+        return array
+    return Array(dtype=str(values.dtype), shape=key[1], stype=_NPY_STYPE, data=b"".join((header, values.data)))
+
+
+def _decode_array(array: Array) -> np.ndarray:
+    """A writable, C-contiguous array the caller owns."""
+    data = array.data
+    offset = None
+    if array.stype == _NPY_STYPE and data[:6] == b"\x93NUMPY" and len(data) > 12:
+        if data[6] == 1:
+            offset = 10 + int.from_bytes(data[8:10], "little")
+        elif data[6] in (2, 3):
+            offset = 12 + int.from_bytes(data[8:12], "little")
+    if offset is not None:
+        layout = _NPY_LAYOUTS.get(data[:offset])
+        if layout is not None:  # the same header bytes always describe the same dtype, shape and order
+            dtype, shape = layout
+            count = int(np.prod(shape, dtype=np.int64))
+            return np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape).copy()
+    values = array.numpy()
+    if offset is not None and values.flags.c_contiguous and len(_NPY_LAYOUTS) < _NPY_CACHE_LIMIT:
+        _NPY_LAYOUTS[data[:offset]] = (values.dtype, tuple(values.shape))
+    if not values.flags.writeable or not values.flags.c_contiguous:
+        values = np.array(values, copy=True, order="C")
+    return values
+
+
 def tensors_to_record(tensors: Mapping[str, torch.Tensor]) -> ArrayRecord:
-    """An ``ArrayRecord`` holding each tensor under its name."""
-    return ArrayRecord({name: Array(t.detach().cpu().contiguous().numpy()) for name, t in tensors.items()})
+    """An ``ArrayRecord`` holding each tensor under its name (the ``.npy`` bytes Flower itself writes)."""
+    return ArrayRecord({name: _encode_array(t) for name, t in tensors.items()})
 
 
 def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
-    """Tensors back from :func:`tensors_to_record` (writable, owned copies)."""
-    return {name: torch.from_numpy(np.array(array.numpy(), copy=True)) for name, array in record.items()}
+    """Tensors back from an ``ArrayRecord`` (one writable, owned copy each)."""
+    return {name: torch.from_numpy(_decode_array(array)) for name, array in record.items()}
 
 
 def ledger_to_record(entries: Sequence[LedgerEntry]) -> ConfigRecord:

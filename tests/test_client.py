@@ -187,11 +187,11 @@ def test_weight_cache_notices_any_in_place_change():
     assert not WEIGHT_CACHE.holds(model, None)
 
 
-def test_node_state_records_are_ordinary_flower_arrays():
-    """The client's own record encoding is the .npy format Flower reads, and decodes what Flower writes."""
+def test_records_are_ordinary_flower_arrays():
+    """The package's record encoding is the .npy format Flower writes, and decodes what Flower writes."""
     import numpy as np
+    from flwr.app import Array, ArrayRecord
 
-    from hosfl_flower.client import _decode, _encode
     from hosfl_flower.records import record_to_tensors, tensors_to_record
 
     tensors = {
@@ -202,13 +202,14 @@ def test_node_state_records_are_ordinary_flower_arrays():
         "empty": torch.zeros(0, 3),
         "half": torch.randn(4, dtype=torch.float16),
     }
+    by_flower = ArrayRecord({name: Array(t.contiguous().numpy()) for name, t in tensors.items()})
     for _ in range(2):  # the second pass uses the cached headers
-        ours = _encode(tensors)
+        ours = tensors_to_record(tensors)
         for name, t in tensors.items():
             assert np.array_equal(ours[name].numpy(), t.numpy()), name
-            assert ours[name].data == tensors_to_record({name: t})[name].data, name
-        back = _decode(ours)
-        flower = _decode(tensors_to_record(tensors))
+            assert ours[name].data == by_flower[name].data, name
+        back = record_to_tensors(ours)
+        flower = record_to_tensors(by_flower)
         for name, t in tensors.items():
             assert torch.equal(back[name], t) and torch.equal(flower[name], t), name
             assert back[name].dtype == t.dtype and back[name].is_contiguous()

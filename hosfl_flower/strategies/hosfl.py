@@ -40,6 +40,14 @@ class SmashedReply:
         return int(self.labels.shape[0])
 
 
+def _ledger_from_state(rows) -> Ledger:
+    """The ledger from its checkpoint form ``[(round, seeds, scalars, lr, mu), ...]`` (checked as it is built)."""
+    return Ledger(
+        LedgerEntry(int(r), tuple(int(x) for x in seeds), tuple(float(v) for v in scalars), float(lr), float(mu))
+        for r, seeds, scalars, lr, mu in rows
+    )
+
+
 class HOSFLStrategy(SplitStrategy):
     """HO-SFL as a Flower strategy. The server keeps the ledger and a replica of ``θ_c``."""
 
@@ -85,9 +93,7 @@ class HOSFLStrategy(SplitStrategy):
     def check_checkpoint_state(self, state) -> None:
         super().check_checkpoint_state(state)
         try:
-            entries = [LedgerEntry(int(r), tuple(int(x) for x in seeds), tuple(float(v) for v in scalars), float(lr), float(mu))
-                       for r, seeds, scalars, lr, mu in state["ledger"]]
-            Ledger(entries)
+            _ledger_from_state(state["ledger"])
             trial = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
             trial.load_state_tensors(dict(state["client-optimizer"]))
         except (TypeError, ValueError) as error:
@@ -95,10 +101,7 @@ class HOSFLStrategy(SplitStrategy):
 
     def load_checkpoint_state(self, state) -> None:
         super().load_checkpoint_state(state)
-        self.ledger = Ledger(
-            LedgerEntry(int(r), tuple(int(x) for x in seeds), tuple(float(v) for v in scalars), float(lr), float(mu))
-            for r, seeds, scalars, lr, mu in state["ledger"]
-        )
+        self.ledger = _ledger_from_state(state["ledger"])
         self.client_optimizer = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
         self.client_optimizer.load_state_tensors(dict(state["client-optimizer"]))
         self._saved_sync = {int(p): (int(applied), bool(repair)) for p, (applied, repair) in state["node-sync"].items()}
