@@ -37,10 +37,11 @@ from .zo import (
     apply_entry,
     dot64,
     fingerprint,
-    hybrid_probe_scalars,
     make_client_optimizer,
     mix_seed,
+    needs_anchor,
     perturb_,
+    probe_scalars,
     replay,
     trainable_parameters,
 )
@@ -319,12 +320,23 @@ class HOSFLClient(NumPyClient):
         return SmashResult(smashed, batch.labels, self._fingerprint(), applied, time.perf_counter() - start)
 
     @torch.no_grad()
-    def probe(self, server_round: int, activation_grad: torch.Tensor, seeds: Sequence[int], mu: float) -> tuple[list[float], float]:
-        """``v_p = ⟨λ, f_c(x; θ + μ u_p) − z⟩`` for each seed, on the batch kept by :meth:`smash`.
+    def probe(
+        self,
+        server_round: int,
+        activation_grad: torch.Tensor,
+        seeds: Sequence[int],
+        mu: float,
+        estimator: str = "forward",
+        directions: str = "gaussian",
+    ) -> tuple[list[float], float]:
+        """One scalar ``v_p`` per seed on the batch kept by :meth:`smash`, e.g. ``⟨λ, f_c(x; θ + μ u_p) − z⟩``.
 
-        The kept batch is decoded once and its record dropped from the node state before any forward
-        pass; ``⟨λ, z⟩`` is folded into one float64 scalar so ``z`` is freed too. Through the ``P``
-        forwards the node holds the inputs, ``λ`` and one perturbed output at a time.
+        ``estimator`` (:data:`~hosfl_flower.zo.ESTIMATORS`) and ``directions`` (the distribution of
+        ``u_p``) come with the probe message: the server chooses them, as it chooses the directions of
+        the ledger entry the scalars become. The kept batch is decoded once and its record dropped from
+        the node state before any forward pass; with ``forward``, ``⟨λ, z⟩`` is folded into one float64
+        scalar so ``z`` is freed too (the other estimators do not use ``z``). Through the probes the
+        node holds the inputs, ``λ`` and one perturbed output (or tangent) at a time.
         """
         start = time.perf_counter()
         kept = self._array_record(STATE_PROBE)
@@ -338,11 +350,12 @@ class HOSFLClient(NumPyClient):
         del kept, self.state[STATE_PROBE], self.state[STATE_PROBE + ".round"]
         inputs = {k[len("input."):]: v for k, v in tensors.items() if k.startswith("input.")}
         del tensors
-        anchor = dot64(activation_grad, z)
+        anchor = dot64(activation_grad, z) if needs_anchor(estimator) else None
         del z
         self._load_weights()
-        scalars = hybrid_probe_scalars(
-            lambda: self.model.smash(inputs)["z"], self.model.client_parameters(), anchor, activation_grad, seeds, mu
+        scalars = probe_scalars(
+            estimator, lambda: self.model.smash(inputs)["z"], self.model.client, activation_grad, seeds, mu,
+            anchor=anchor, distribution=directions,
         )
         return scalars, time.perf_counter() - start
 

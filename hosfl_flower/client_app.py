@@ -103,7 +103,10 @@ def build_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         seeds = msg.content.config_records["seeds"]
         server_round = int(msg.content.config_records["config"]["server-round"])
         lam = record_to_tensors(msg.content.array_records["activation-grad"])["z"]
-        scalars, seconds = client.probe(server_round, lam, [int(s) for s in seeds["seeds"]], float(seeds["mu"]))
+        scalars, seconds = client.probe(
+            server_round, lam, [int(s) for s in seeds["seeds"]], float(seeds["mu"]),
+            str(seeds.get("estimator", "forward")), str(seeds.get("directions", "gaussian")),
+        )
         content = RecordDict(
             {"scalars": MetricRecord({"values": scalars}), "meta": MetricRecord({"compute-seconds": seconds})}
         )

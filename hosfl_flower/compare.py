@@ -1,5 +1,6 @@
-"""``hosfl compare``: run several strategies on the same model, data, partition, seed and round
-budget in Flower's simulation engine, and write a report with a table and plots."""
+"""``hosfl compare``: run several strategies on the same model, data, partitions, seeds and budget
+(rounds, or processed samples) in Flower's simulation engine, and write a report with statistics
+over the seeds and plots."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import STRATEGIES, ConfigError, resolve_run_config
+from .config import STRATEGIES, resolve_run_config
+from .round_cost import rounds_for_budget
 
 DEFAULT_STRATEGIES = ("hosfl", "heron-sfl", "splitfed-v2", "fedavg", "zo-sfl", "frozen-client")
 ROUND_LINE = re.compile(r"\[(?P<name>[\w-]+)\] round\s+(?P<round>\d+)/(?P<total>\d+)(?P<rest>.*)")
@@ -23,18 +25,23 @@ MEMORY_METHOD = {
 """What one client step of each strategy is, for the memory measurement."""
 
 
-def run_strategy(strategy: str, run_configs: list[str], results: Path, num_supernodes: int, index: str) -> int:
-    """Run one strategy with ``flower-simulation`` in a subprocess, showing its progress round by round."""
+def run_strategy(
+    strategy: str, run_configs: list[str], overrides: str, results: Path, num_supernodes: int, label: str
+) -> int:
+    """Run one strategy with ``flower-simulation`` in a subprocess, showing its progress round by round.
+
+    ``overrides`` (``key=value ...``) are applied after ``run_configs``; the output goes to ``results/run.log``.
+    """
     command = [
         sys.executable, "-m", "hosfl_flower.cli", "--app", "hosfl_flower.app", "--num-supernodes", str(num_supernodes),
     ]
     for item in run_configs:
         command += ["--run-config", item]
-    command += ["--run-config", f"strategy='{strategy}' results-dir='{results}'"]
+    command += ["--run-config", f"strategy='{strategy}' results-dir='{results}' {overrides}"]
     env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONUNBUFFERED": "1"}
     started = time.monotonic()
-    log_path = results.parent / f"{strategy}.log"
-    results.parent.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    log_path = results / "run.log"
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process, \
             open(log_path, "w") as log:
         for line in process.stdout:
@@ -42,19 +49,51 @@ def run_strategy(strategy: str, run_configs: list[str], results: Path, num_super
             match = ROUND_LINE.search(line)
             if match:
                 rest = " | ".join(part.strip() for part in match["rest"].split("|") if part.strip())
-                print(f"{index} {strategy:<14} round {match['round']:>4}/{match['total']}  {rest}", flush=True)
+                print(f"{label} round {match['round']:>4}/{match['total']}  {rest}", flush=True)
         code = process.wait()
     status = "done" if code == 0 else f"FAILED (exit {code}; log: {log_path})"
-    print(f"{index} {strategy:<14} {status} in {time.monotonic() - started:.0f} s", flush=True)
+    print(f"{label} {status} in {time.monotonic() - started:.0f} s", flush=True)
     return code
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``: distinct non-negative integers, or ``ValueError``."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(item.isdigit() for item in items):
+        raise ValueError(f"--seeds {text!r}: must be comma-separated non-negative integers, e.g. 0,1,2")
+    seeds = [int(item) for item in items]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds {text!r}: a seed is repeated")
+    return seeds
+
+
+def parse_budget(text: str) -> int:
+    """A positive number of processed training examples, or ``ValueError``."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise ValueError(f"--budget-samples {text!r}: must be a positive integer (training examples per run)")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit code 2."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"hosfl compare: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: ``hosfl compare ...``."""
-    parser = argparse.ArgumentParser(prog="hosfl", description="hosfl-flower tools")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="hosfl", description="hosfl-flower tools")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     compare = commands.add_parser("compare", help=__doc__.splitlines()[0])
     compare.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated strategies")
+    compare.add_argument(
+        "--seeds", metavar="S,S,...", help="one run per strategy and seed (default: the run config's seed)"
+    )
+    compare.add_argument(
+        "--budget-samples", metavar="N",
+        help="give each strategy ceil(N / its samples per round) rounds instead of num-server-rounds",
+    )
     compare.add_argument("--num-supernodes", type=int, default=10)
     compare.add_argument("--run-config", action="append", default=[], help="shared run config (key=value ... or a .toml file)")
     compare.add_argument("--out", default="reports/compare", help="report directory")
@@ -63,45 +102,64 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from .cli import _read_overrides
-    from .report import load_summary, write_report
+    from .report import StrategyResults, load_run, write_report
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
         unknown = [s for s in strategies if s not in STRATEGIES]
-        if unknown:
-            raise ConfigError("strategies", ",".join(unknown), f"must be among {', '.join(STRATEGIES)}")
+        if unknown or not strategies:
+            raise ValueError(f"--strategies {args.strategies!r}: must be among {', '.join(STRATEGIES)}")
         shared: dict[str, Any] = {}
         for item in args.run_config:
             shared.update(_read_overrides(item))
         config = resolve_run_config(shared)
-    except ConfigError as error:
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else [config["seed"]]
+        budget = parse_budget(args.budget_samples) if args.budget_samples is not None else None
+        rounds = {
+            s: rounds_for_budget(s, config, budget) if budget is not None else config["num-server-rounds"]
+            for s in strategies
+        }
+        for strategy in strategies:
+            for seed in seeds:
+                resolve_run_config(shared, {"strategy": strategy, "seed": seed, "num-server-rounds": rounds[strategy]})
+    except ValueError as error:  # ConfigError included
         print(f"hosfl compare: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    failed = []
-    for number, strategy in enumerate(strategies, start=1):
-        if run_strategy(strategy, args.run_config, out / strategy, args.num_supernodes, f"[{number}/{len(strategies)}]"):
-            failed.append(strategy)
-    summaries = []
+    failed: set[tuple[str, int]] = set()
+    total = len(strategies) * len(seeds)
+    for number, (seed, strategy) in enumerate(((seed, s) for seed in seeds for s in strategies), start=1):
+        label = f"[{number}/{total}] {strategy:<14} seed {seed}"
+        overrides = f"seed={seed} num-server-rounds={rounds[strategy]}"
+        if run_strategy(strategy, args.run_config, overrides, out / strategy / f"seed-{seed}", args.num_supernodes, label):
+            failed.add((strategy, seed))
+    results = []
     for strategy in strategies:
-        if strategy in failed:
+        runs = [
+            load_run(strategy, seed, out / strategy / f"seed-{seed}", args.target_accuracy)
+            for seed in seeds if (strategy, seed) not in failed
+        ]
+        if not runs:
             continue
         memory = None
         if not args.no_memory:
             from .memory import measure_client_peak
 
             memory = int(measure_client_peak(MEMORY_METHOD[strategy], {**shared, "strategy": strategy})["bytes"])
-        summaries.append(load_summary(strategy, out / strategy, args.target_accuracy, memory))
+        results.append(StrategyResults(strategy, runs, memory))
     setup = {
         "model": config["model"], "cut-layer": config["cut-layer"], "dataset": config["dataset"],
-        "partitioner": config["partitioner"], "seed": config["seed"], "rounds": config["num-server-rounds"],
+        "partitioner": config["partitioner"],
+        "rounds": "per strategy (see the budget)" if budget is not None else config["num-server-rounds"],
         "nodes": args.num_supernodes, "clients per round": config["clients-per-round"], "batch size": config["batch-size"],
     }
-    report = write_report(out, summaries, setup)
-    print(f"report: {report}")
-    print(report.read_text().split("\n\n")[2])
+    if results:
+        report = write_report(out, results, setup, seeds, budget)
+        print(f"report: {report}")
+        print(next(block for block in report.read_text().split("\n\n") if block.startswith("| strategy")))
     if failed:
-        print(f"hosfl compare: failed strategies: {', '.join(failed)}", file=sys.stderr)
+        names = ", ".join(f"{strategy} seed {seed}" for strategy, seed in sorted(failed))
+        print(f"hosfl compare: failed runs: {names}", file=sys.stderr)
         return 1
     return 0
 

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .zo.update import LR_SCHEDULES
+
 STRATEGIES = ("hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg")
 VISION_MODELS = ("cnn", "resnet")
 TINY_TRANSFORMERS = (
@@ -24,6 +26,10 @@ AUX_HEADS = ("linear", "mlp")
 DATASETS = ("digits", "sentiment")
 PARTITIONERS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adamw")
+ESTIMATORS = ("forward", "central", "jvp")
+"""How a client turns one direction into a scalar: the paper's one-sided forward difference (P extra
+forwards), a central difference (2P), or the exact directional derivative by forward-mode autodiff."""
+DIRECTIONS = ("gaussian", "rademacher")
 PLACEMENTS = ("local", "ray")
 
 
@@ -95,6 +101,7 @@ OPTIONS: dict[str, Option] = {
     "num-server-rounds": Option(150, "rounds to run", minimum=1),
     "seed": Option(0, "seed of the server RNG, initial weights, data split and minibatches", minimum=0),
     "model": Option("cnn", "cnn, resnet, a tiny-* transformer, or a Hugging Face hub name or local directory"),
+    "pretrain.cache-dir": Option("", "where pretrained-* checkpoints are built and cached (empty: $HOSFL_FLOWER_CACHE or ~/.cache/hosfl-flower)"),
     "cut-layer": Option(2, "the client segment is the model's first cut-layer blocks", minimum=1),
     "task": Option("classification", "transformer task: classification, causal-lm or verbalizer", choices=TASKS),
     "dataset": Option("digits", "digits, sentiment (both bundled), or a Hugging Face dataset name or local path"),
@@ -116,6 +123,10 @@ OPTIONS: dict[str, Option] = {
     "eval-batch-size": Option(512, "batch size of central evaluation", minimum=1),
     "zo.num-perturbations": Option(5, "P: seeded directions per round (0 freezes the client)", minimum=0),
     "zo.mu": Option(1e-3, "μ: perturbation scale", minimum=0.0, exclusive_minimum=True),
+    "zo.estimator": Option("forward", "forward (the paper's one-sided difference), central, or jvp (exact, forward-mode autodiff)", choices=ESTIMATORS),
+    "zo.directions": Option("gaussian", "distribution of the seeded directions: gaussian (the paper's) or rademacher (±1)", choices=DIRECTIONS),
+    "zo.clip-grad-norm": Option(0.0, "clip the L2 norm of the aggregated client estimate ĝ to this value before the step (0: off)", minimum=0.0),
+    "client.lr-schedule": Option("constant", "client learning rate over the rounds: constant, or cosine decay to 0 at num-server-rounds", choices=LR_SCHEDULES),
     "client.optimizer": Option("sgd", "client optimizer (sgd is stateless)", choices=OPTIMIZERS),
     "client.lr": Option(0.1, "client learning rate", minimum=0.0),
     "client.weight-decay": Option(0.0, "client decoupled weight decay", minimum=0.0),

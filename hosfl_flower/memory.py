@@ -9,7 +9,8 @@ What a step is, per method (messages a node receives — ``λ``, weights — are
 
 - ``inference``: draw the minibatch and run ``model.smash(inputs)`` under ``torch.no_grad()``.
 - ``hosfl``: ``HOSFLClient.smash`` (with one ledger entry to replay, as a node sampled in consecutive
-  rounds gets) then ``HOSFLClient.probe`` with a random ``λ`` shaped like ``z`` and ``P`` seeds.
+  rounds gets) then ``HOSFLClient.probe`` with a random ``λ`` shaped like ``z`` and ``P`` seeds, with the
+  run config's ``zo.estimator`` and ``zo.directions`` (as ``hosfl-lean`` does).
 - ``heron-sfl``: one ``HOSFLClient.heron_train`` round of two zeroth-order steps.
 - ``splitfed``: ``splitfed_smash`` (receiving ``θ_c``) then ``splitfed_backward`` with a random ``λ``.
 - ``zo-sfl``: ``zo_smash`` (``z`` and ``P`` perturbed activations).
@@ -236,7 +237,7 @@ def build_case(
     from .models.aux_head import build_aux_head
     from .schedule import RoundSchedule
     from .task import client_task
-    from .zo import SGD, LedgerEntry, dot64, hybrid_probe_scalars, replay
+    from .zo import SGD, LedgerEntry, dot64, needs_anchor, probe_scalars, replay
 
     if method not in ALL_METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(ALL_METHODS)}")
@@ -250,10 +251,13 @@ def build_case(
     train = task.data.partition(0)
     settings = ClientSettings.from_config(cfg, 0)
     seed, batch_size, mu = cfg["seed"], cfg["batch-size"], cfg["zo.mu"]
+    estimator, directions = cfg["zo.estimator"], cfg["zo.directions"]
     server_round = 2
     schedule = RoundSchedule(seed)
     seeds = schedule.seeds(cfg["zo.num-perturbations"])
-    previous = LedgerEntry(server_round - 1, schedule.seeds(len(seeds)), tuple(1e-3 for _ in seeds), cfg["client.lr"], mu)
+    previous = LedgerEntry(
+        server_round - 1, schedule.seeds(len(seeds)), tuple(1e-3 for _ in seeds), cfg["client.lr"], mu, directions
+    )
     with torch.no_grad():
         z_example = model.smash(sample_batch(train, batch_size, seed, 0, server_round).inputs)["z"]
     lam_received = torch.randn(z_example.shape, generator=torch.Generator().manual_seed(seed)) / z_example.numel()
@@ -283,7 +287,7 @@ def build_case(
             client = new_client()
             reply = client.smash(server_round, [previous], 0)
             del reply  # sent to the server before λ comes back
-            scalars, _ = client.probe(server_round, lam_received.clone(), seeds, mu)
+            scalars, _ = client.probe(server_round, lam_received.clone(), seeds, mu, estimator, directions)
             return scalars
 
     elif method == "heron-sfl":
@@ -322,9 +326,12 @@ def build_case(
                 inputs = sample_batch(train, batch_size, seed, 0, server_round).inputs
                 z = model.smash(inputs)["z"]  # sent; kept until λ arrives
                 lam = lam_received.clone()
-                anchor = dot64(lam, z)
+                anchor = dot64(lam, z) if needs_anchor(estimator) else None
                 del z
-                return hybrid_probe_scalars(lambda: model.smash(inputs)["z"], params, anchor, lam, seeds, mu)
+                return probe_scalars(
+                    estimator, lambda: model.smash(inputs)["z"], model.client, lam, seeds, mu,
+                    anchor=anchor, distribution=directions,
+                )
 
     else:  # fedavg
         whole = [array.copy() for array in new_client().get_parameters({})]

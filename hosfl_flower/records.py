@@ -67,8 +67,12 @@ def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
 
 
 def ledger_to_record(entries: Sequence[LedgerEntry]) -> ConfigRecord:
-    """Ledger entries as flat lists (seeds and scalars of all entries concatenated)."""
-    return ConfigRecord(
+    """Ledger entries as flat lists (seeds and scalars of all entries concatenated).
+
+    The per-entry ``directions`` list is written only when some entry's directions are not gaussian;
+    a record without it is all gaussian (so gaussian ledgers keep their size).
+    """
+    record = ConfigRecord(
         {
             "rounds": [e.round for e in entries],
             "counts": [len(e.seeds) for e in entries],
@@ -78,6 +82,9 @@ def ledger_to_record(entries: Sequence[LedgerEntry]) -> ConfigRecord:
             "mu": [float(e.mu) for e in entries],
         }
     )
+    if any(e.directions != "gaussian" for e in entries):
+        record["directions"] = [e.directions for e in entries]
+    return record
 
 
 def record_to_ledger(record: ConfigRecord) -> list[LedgerEntry]:
@@ -85,13 +92,18 @@ def record_to_ledger(record: ConfigRecord) -> list[LedgerEntry]:
     rounds, counts = list(record["rounds"]), list(record["counts"])
     seeds, scalars = list(record["seeds"]), list(record["scalars"])
     lrs, mus = list(record["lr"]), list(record["mu"])
-    if not len(rounds) == len(counts) == len(lrs) == len(mus) or sum(counts) != len(seeds) or len(seeds) != len(scalars):
+    directions = list(record["directions"]) if "directions" in record else ["gaussian"] * len(rounds)
+    if (
+        not len(rounds) == len(counts) == len(lrs) == len(mus) == len(directions)
+        or sum(counts) != len(seeds)
+        or len(seeds) != len(scalars)
+    ):
         raise ValueError("malformed ledger record: list lengths disagree")
     entries, offset = [], 0
-    for rnd, count, lr, mu in zip(rounds, counts, lrs, mus):
+    for rnd, count, lr, mu, kind in zip(rounds, counts, lrs, mus, directions):
         entries.append(
             LedgerEntry(int(rnd), tuple(int(s) for s in seeds[offset : offset + count]),
-                        tuple(float(v) for v in scalars[offset : offset + count]), float(lr), float(mu))
+                        tuple(float(v) for v in scalars[offset : offset + count]), float(lr), float(mu), str(kind))
         )
         offset += count
     return entries

@@ -20,7 +20,7 @@ from .models import SplitModel
 from .schedule import RoundSchedule
 from .split_server import SplitServer
 from .task import build_model, text_spec
-from .zo import Ledger, LedgerEntry, aggregate_scalars, apply_entry, hybrid_probe_scalars, make_client_optimizer
+from .zo import ClientUpdateRule, Ledger, aggregate_scalars, apply_entry, make_client_optimizer, probe_scalars
 
 
 @dataclass
@@ -50,6 +50,7 @@ def run_reference(run_config: Mapping[str, Any], num_partitions: int) -> Referen
         weight_decay=cfg["server.weight-decay"],
     )
     client_optimizer = make_client_optimizer(cfg["client.optimizer"], cfg["client.weight-decay"])
+    update_rule = ClientUpdateRule.from_config(cfg)
     schedule = RoundSchedule(seed)
     ledger = Ledger()
     result = ReferenceResult(model, ledger)
@@ -71,17 +72,19 @@ def run_reference(run_config: Mapping[str, Any], num_partitions: int) -> Referen
             scalars = []
             for batch_inputs, (smashed, _), lam in zip(inputs, batches, step.activation_grads):
                 scalars.append(
-                    hybrid_probe_scalars(
+                    probe_scalars(
+                        cfg["zo.estimator"],
                         lambda batch_inputs=batch_inputs: model.smash(batch_inputs)["z"],
-                        model.client_parameters(),
-                        smashed["z"],
+                        model.client,
                         lam,
                         seeds,
                         mu,
+                        anchor=smashed["z"],
+                        distribution=cfg["zo.directions"],
                     )
                 )
                 model.load_client_state(canonical)
-            entry = LedgerEntry(rnd, seeds, aggregate_scalars(scalars, sum(sizes), sum(sizes)), cfg["client.lr"], mu)
+            entry = update_rule.entry(rnd, seeds, aggregate_scalars(scalars, sum(sizes), sum(sizes)), model.client_parameters())
             ledger.append(entry)
             apply_entry(model.client_parameters(), client_optimizer, entry)
         if rnd % cfg["eval-every"] == 0 or rnd == cfg["num-server-rounds"]:

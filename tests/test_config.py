@@ -29,6 +29,8 @@ BAD_VALUES = [
     ("zo.num-perturbations", 2.5, "must be an integer"),
     ("zo.mu", 0.0, "must be a number > 0"),
     ("client.optimizer", "lion", "must be one of sgd, adamw"),
+    ("zo.estimator", "backward", "must be one of forward, central, jvp"),
+    ("zo.directions", "uniform", "must be one of gaussian, rademacher"),
     ("strategy", "fedsgd", "must be one of"),
     ("partitioner", "shards", "must be one of iid, dirichlet"),
     ("num-server-rounds", 0, "must be an integer >= 1"),

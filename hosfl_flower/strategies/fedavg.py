@@ -28,11 +28,13 @@ from .base import meta_seconds
 
 
 class AccountingGrid:
-    """A ``Grid`` that counts the bytes of every message it sends and receives into ``account``."""
+    """A ``Grid`` that counts the bytes of every message it sends and receives into ``account``, and
+    keeps the ``num-examples`` of each training reply in ``trained``."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.account = RoundAccount()
+        self.trained: list[int] = []
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -42,6 +44,9 @@ class AccountingGrid:
         for reply in replies:
             self.account.count(reply, "up")
             self.account.client_seconds += meta_seconds(reply)
+            metrics = None if reply.has_error() else reply.content.metric_records.get("metrics")
+            if reply.metadata.message_type.startswith("train") and metrics is not None and "num-examples" in metrics:
+                self.trained.append(int(metrics["num-examples"]))
         if messages:
             self.account.round_trips += 1
         return replies
@@ -87,12 +92,14 @@ class FedAvgBaseline:
             loss, accuracy = evaluate_model(self.model, self.test, cfg["eval-batch-size"])
             if server_round > 0:
                 row = {"round": server_round, **counting.account.as_metrics()}
+                steps, batch = cfg["fedavg.local-steps"], cfg["batch-size"]
+                row.update({"samples": sum(steps * min(batch, n) for n in counting.trained), "server-steps": 0})
                 if server_round % cfg["eval-every"] == 0 or server_round == num_rounds:
                     row.update({"loss": loss, "accuracy": accuracy})
                 row["seconds"] = time.perf_counter() - started[0]
                 self.history.append(row)
                 recorder.record(row)
-            counting.account = RoundAccount()
+            counting.account, counting.trained = RoundAccount(), []
             started[0] = time.perf_counter()
             return MetricRecord({"loss": loss, "accuracy": accuracy})
 

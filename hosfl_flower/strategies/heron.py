@@ -123,6 +123,7 @@ class HeronSFLStrategy(SplitStrategy):
         """Server steps on the smashed batches client by client, then FedAvg of ``θ_c`` and ``θ_a``
         weighted by :meth:`aggregation_weights` (examples)."""
         metrics: dict[str, Any] = {"replies": len(kept), "server-batches": 0}
+        metrics["samples"] = sum(self.cfg["heron.local-steps"] * min(self.cfg["batch-size"], r.num_examples) for r in kept)
         if not self.enough_replies(kept, "heron", metrics):
             return metrics
         losses, seconds = [], 0.0
@@ -151,4 +152,5 @@ class HeronSFLStrategy(SplitStrategy):
         row = dict(metrics)
         account.server_seconds += float(row.pop("server-seconds", 0.0))
         account.client_seconds += float(row.pop("client-seconds", 0.0))
+        row["server-steps"] = row["server-batches"]
         return row

@@ -1,13 +1,14 @@
 """HO-SFL (PROTOCOLS §1): zeroth-order clients, first-order server, dimension-free aggregation.
 
 Round ``t``: ``train.smash`` (ledger entries the node lacks → ``z``, ``y``, fingerprint), one
-first-order server step giving ``λ_n``, ``train.probe`` (``λ_n``, the round's seeds, ``μ`` → ``P``
-scalars), then ``v̄`` joins the ledger and updates the server's replica of ``θ_c``.
+first-order server step giving ``λ_n``, ``train.probe`` (``λ_n``, the round's seeds, ``μ``, the
+estimator and the directions' distribution → ``P`` scalars), then ``v̄`` joins the ledger and updates
+the server's replica of ``θ_c``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 import math
 from typing import Any
@@ -18,10 +19,12 @@ from flwr.serverapp import Grid
 
 from ..accounting import RoundAccount
 from ..checkpoint import CheckpointError
-from ..config import resolve_run_config
+from ..config import ConfigError, resolve_run_config
 from ..client import OPTIMIZER_PREFIX
+from ..data import Examples
+from ..models import SplitModel
 from ..records import ledger_to_record, tensors_to_record
-from ..zo import Ledger, LedgerEntry, aggregate_scalars, apply_entry, fingerprint, make_client_optimizer
+from ..zo import ClientUpdateRule, Ledger, LedgerEntry, aggregate_scalars, apply_entry, check_jvp, fingerprint, make_client_optimizer
 from .base import NodeInfo, ReplyError, SplitStrategy, error_text, meta_seconds
 
 
@@ -41,11 +44,30 @@ class SmashedReply:
 
 
 def _ledger_from_state(rows) -> Ledger:
-    """The ledger from its checkpoint form ``[(round, seeds, scalars, lr, mu), ...]`` (checked as it is built)."""
-    return Ledger(
-        LedgerEntry(int(r), tuple(int(x) for x in seeds), tuple(float(v) for v in scalars), float(lr), float(mu))
-        for r, seeds, scalars, lr, mu in rows
-    )
+    """The ledger from its checkpoint form ``[(round, seeds, scalars, lr, mu, directions), ...]`` (checked as
+    it is built); rows of five fields, written before directions were recorded, are gaussian."""
+
+    def entry(r, seeds, scalars, lr, mu, directions="gaussian") -> LedgerEntry:
+        return LedgerEntry(
+            int(r), tuple(int(x) for x in seeds), tuple(float(v) for v in scalars), float(lr), float(mu), str(directions)
+        )
+
+    return Ledger(entry(*row) for row in rows)
+
+
+def _check_estimator(model: SplitModel, test: Examples, cfg: Mapping[str, Any]) -> None:
+    """Fail at setup, with one line, if the configured estimator cannot run through the client segment.
+
+    Only ``jvp`` may not: it needs a forward-mode derivative of every operation of ``f_c``. The check
+    runs one probe on one held-out example and leaves the model untouched.
+    """
+    if cfg["zo.estimator"] != "jvp" or not cfg["zo.num-perturbations"] or len(test) == 0:
+        return
+    inputs = test.take(torch.arange(1)).inputs
+    try:
+        check_jvp(lambda: model.smash(inputs)["z"], model.client)
+    except ValueError as error:
+        raise ConfigError("zo.estimator", "jvp", f"cannot be used with model {cfg['model']!r}: {error}") from None
 
 
 class HOSFLStrategy(SplitStrategy):
@@ -57,10 +79,12 @@ class HOSFLStrategy(SplitStrategy):
         super().__init__(*args, **kwargs)
         self.ledger = Ledger()
         self.client_optimizer = make_client_optimizer(self.cfg["client.optimizer"], self.cfg["client.weight-decay"])
+        self.update_rule = ClientUpdateRule.from_config(self.cfg)
         self.node_applied: dict[int, int] = {}
         self.needs_weights: set[int] = set()
         self._saved_sync: dict[int, tuple[int, bool]] = {}
         self._round: dict[str, Any] = {}
+        _check_estimator(self.model, self.test, self.cfg)
 
     # ------------------------------------------------------------------ node sync state and checkpoints
     def node_discovered(self, node: NodeInfo, info: ConfigRecord) -> None:
@@ -80,7 +104,7 @@ class HOSFLStrategy(SplitStrategy):
         partition = {node_id: node.partition_id for node_id, node in self.nodes.items()}
         return {
             **super().checkpoint_state(),
-            "ledger": [(e.round, list(e.seeds), list(e.scalars), e.lr, e.mu) for e in self.ledger],
+            "ledger": [(e.round, list(e.seeds), list(e.scalars), e.lr, e.mu, e.directions) for e in self.ledger],
             "client-optimizer": {k: v.clone() for k, v in self.client_optimizer.state_tensors().items()},
             "node-sync": {
                 partition[n]: (applied, n in self.needs_weights) for n, applied in self.node_applied.items() if n in partition
@@ -168,8 +192,16 @@ class HOSFLStrategy(SplitStrategy):
 
     # ------------------------------------------------------------------ exchange 2: probe
     def configure_probe(self, server_round: int, kept: Sequence[SmashedReply], grads: Sequence[torch.Tensor]) -> list[Message]:
-        """``train.probe`` messages: ``λ_n``, the round's seeds and ``μ``."""
-        seeds = ConfigRecord({"seeds": list(self._round["seeds"]), "mu": self.cfg["zo.mu"]})
+        """``train.probe`` messages: ``λ_n``, the round's seeds, ``μ``, the estimator and the directions'
+        distribution (the nodes take both from the message, not from their own run config)."""
+        seeds = ConfigRecord(
+            {
+                "seeds": list(self._round["seeds"]),
+                "mu": self.cfg["zo.mu"],
+                "estimator": self.cfg["zo.estimator"],
+                "directions": self.cfg["zo.directions"],
+            }
+        )
         return [
             self.message(reply.node, "train.probe", server_round, {"activation-grad": tensors_to_record({"z": lam}), "seeds": seeds})
             for reply, lam in zip(kept, grads)
@@ -213,8 +245,9 @@ class HOSFLStrategy(SplitStrategy):
             return None, MetricRecord(metrics)
         self.split_server.apply_pending()
         total = sum(r.num_examples for r in self._round["kept"])
-        entry = LedgerEntry(
-            server_round, self._round["seeds"], aggregate_scalars(kept_scalars, kept_examples, total), self.cfg["client.lr"], self.cfg["zo.mu"]
+        entry = self.update_rule.entry(
+            server_round, self._round["seeds"], aggregate_scalars(kept_scalars, kept_examples, total),
+            self.model.client_parameters(),
         )
         self.ledger.append(entry)
         apply_entry(self.model.client_parameters(), self.client_optimizer, entry)
@@ -227,6 +260,7 @@ class HOSFLStrategy(SplitStrategy):
         kept: list[SmashedReply] = self.collect(replies, self._round["nodes"], self.validate_smash)
         self._round["kept"] = kept
         metrics: dict[str, Any] = {"sampled": len(self._round["nodes"]), "smash-replies": len(kept)}
+        metrics.update({"samples": sum(r.num_examples for r in kept), "server-steps": 0})
         account.client_seconds += sum(r.client_seconds for r in kept)
         if not self.enough_replies(kept, "smash", metrics):
             return metrics
@@ -240,6 +274,7 @@ class HOSFLStrategy(SplitStrategy):
             _, probe_metrics = self.aggregate_train(server_round, replies)
             account.client_seconds += float(probe_metrics.pop("client-seconds"))
             metrics.update(dict(probe_metrics))
+        metrics["server-steps"] = 0 if metrics.get("skipped") else 1
         return metrics
 
     def finish(self, grid: Grid) -> dict[str, Any]:

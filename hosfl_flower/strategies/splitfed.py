@@ -66,6 +66,7 @@ class SplitFedV2Strategy(SplitStrategy):
         self.begin_round(active)
         losses: list[float] = []
         metrics: dict[str, Any] = {"sampled": len(active), "finished": 0}
+        samples = 0
         for step in range(steps):
             if step:
                 messages = [self._smash_message(node, server_round, step) for node in active]
@@ -77,6 +78,7 @@ class SplitFedV2Strategy(SplitStrategy):
             account.server_seconds += sum(r.seconds for r in results)
             account.client_seconds += sum(seconds for _, _, _, seconds in kept)
             losses.extend(r.loss for r in results)
+            samples += sum(int(labels.shape[0]) for _, _, labels, _ in kept)
             last = step == steps - 1
             grads = [
                 self.message(
@@ -104,6 +106,7 @@ class SplitFedV2Strategy(SplitStrategy):
             self.end_round([], [])
         if losses:
             metrics["train-loss"] = sum(losses) / len(losses)
+        metrics.update({"samples": samples, "server-steps": 0 if metrics.get("skipped") else len(losses)})
         return metrics
 
     def _validate_grad(self, reply: Message, node: NodeInfo) -> NodeInfo:

@@ -52,6 +52,7 @@ class ZOSFLStrategy(HOSFLStrategy):
         replies = self.exchange(grid, self.configure_train(server_round, None, None, grid), account)
         kept: list[SmashedReply] = self.collect(replies, self._round["nodes"], self.validate_smash)
         metrics: dict[str, Any] = {"sampled": len(self._round["nodes"]), "smash-replies": len(kept)}
+        metrics.update({"samples": sum(r.num_examples for r in kept), "server-steps": 0})
         account.client_seconds += sum(r.client_seconds for r in kept)
         if not self.enough_replies(kept, "smash", metrics) or not self._round["seeds"]:
             return metrics
@@ -70,5 +71,6 @@ class ZOSFLStrategy(HOSFLStrategy):
         self.ledger.append(entry)
         apply_entry(self.model.client_parameters(), self.client_optimizer, entry)
         metrics["train-loss"] = loss
+        metrics["server-steps"] = 1
         return metrics
 

@@ -4,6 +4,8 @@ This package has no Flower imports; the Flower layer and the in-process referenc
 """
 
 from .directions import (
+    DISTRIBUTIONS,
+    check_distribution,
     direction,
     draw_directions_,
     fingerprint,
@@ -13,28 +15,51 @@ from .directions import (
     trainable_parameters,
     transient_direction,
 )
-from .estimator import aggregate_scalars, dot64, estimate_gradient, hybrid_probe_scalars
+from .estimator import (
+    ESTIMATORS,
+    aggregate_scalars,
+    central_probe_scalars,
+    check_jvp,
+    dot64,
+    estimate_gradient,
+    hybrid_probe_scalars,
+    jvp_probe_scalars,
+    needs_anchor,
+    probe_scalars,
+)
 from .ledger import Ledger, LedgerEntry, apply_entry, replay, zo_gradient
+from .update import LR_SCHEDULES, ClientUpdateRule, estimate_norm
 from .optim import CLIENT_OPTIMIZERS, AdamW, ClientOptimizer, SGD, make_client_optimizer
 
 __all__ = [
     "AdamW",
     "CLIENT_OPTIMIZERS",
+    "DISTRIBUTIONS",
+    "ESTIMATORS",
+    "ClientUpdateRule",
+    "LR_SCHEDULES",
     "ClientOptimizer",
     "Ledger",
     "LedgerEntry",
     "SGD",
     "aggregate_scalars",
     "apply_entry",
+    "central_probe_scalars",
+    "check_distribution",
+    "check_jvp",
     "direction",
     "dot64",
     "draw_directions_",
     "estimate_gradient",
+    "estimate_norm",
     "fingerprint",
     "hybrid_probe_scalars",
+    "jvp_probe_scalars",
     "make_client_optimizer",
     "mix_seed",
+    "needs_anchor",
     "perturb_",
+    "probe_scalars",
     "replay",
     "trainable_names",
     "trainable_parameters",

@@ -1,8 +1,17 @@
 """Zeroth-order estimators.
 
 HO-SFL's client minimises the linear surrogate ``λᵀ f_c(x; θ_c)``: for each shared direction
-``u_p`` it reports ``v_p = ⟨λ, f_c(x; θ + μ u_p) − z⟩``; the aggregated estimate is
-``ĝ = (1/(P μ)) Σ_p v̄_p u_p``, an estimate of the backprop gradient ``J_cᵀ λ``.
+``u_p`` it reports one scalar ``v_p ≈ μ ⟨λ, J_c u_p⟩``; the aggregated estimate is
+``ĝ = (1/(P μ)) Σ_p v̄_p u_p``, an estimate of the backprop gradient ``J_cᵀ λ``. The estimators of
+:data:`ESTIMATORS` give ``v_p`` in the same units, so aggregation, the ledger and replay are the same
+whichever a run uses (:func:`probe_scalars` picks one by name):
+
+- ``forward``: ``⟨λ, f_c(θ + μ u_p) − z⟩``, the one-sided difference (``P`` forward passes);
+- ``central``: ``⟨λ, f_c(θ + μ u_p) − f_c(θ − μ u_p)⟩ / 2`` (``2P`` forward passes, no ``z``; exact
+  when ``f_c`` is quadratic in ``θ``);
+- ``jvp``: ``μ ⟨λ, J_c u_p⟩`` exactly, by forward-mode autodiff: the ``μ → 0`` limit of both.
+
+None of them records an autograd graph or keeps activations for a backward pass.
 """
 
 from __future__ import annotations
@@ -10,9 +19,22 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
+from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .directions import draw_directions_, perturb_
+from .directions import (
+    check_distribution,
+    direction,
+    draw_directions_,
+    perturb_,
+    trainable_names,
+    trainable_parameters,
+)
 from .ledger import zo_gradient
+
+ESTIMATORS = ("forward", "central", "jvp")
+"""Names :func:`probe_scalars` accepts (the run-config key ``zo.estimator``)."""
 
 
 DOT_CHUNK = 1 << 15
@@ -44,6 +66,46 @@ def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = DOT_CHUNK) -> float:
     return total
 
 
+class _Shift:
+    """Moves parameters in place along one seed's direction at a time.
+
+    Segments of up to :data:`KEEP_DIRECTIONS_FLOATS` float32 CPU floats keep the direction drawn by
+    :meth:`select` for every move; larger ones redraw it for each move (:func:`perturb_`). Both give
+    the same bits.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], distribution: str) -> None:
+        self.params = params
+        self.distribution = check_distribution(distribution)
+        self.seed = 0
+        self.kept: list[torch.Tensor] | None = None
+        if sum(p.numel() for p in params) <= KEEP_DIRECTIONS_FLOATS and all(
+            p.dtype is torch.float32 and p.is_cpu for p in params
+        ):
+            self.kept = [torch.empty(p.shape, dtype=torch.float32) for p in params]
+
+    def select(self, seed: int) -> None:
+        """Make ``u(seed)`` the direction of the following moves."""
+        self.seed = seed
+        if self.kept is not None:
+            draw_directions_(self.kept, seed, distribution=self.distribution)
+
+    def move(self, scale: float) -> None:
+        """``θ += scale · u``."""
+        if self.kept is None:
+            perturb_(self.params, self.seed, scale, distribution=self.distribution)
+        else:
+            for param, u in zip(self.params, self.kept):
+                param.add_(u, alpha=scale)
+
+
+def _fold(lam: torch.Tensor, output: torch.Tensor) -> float:
+    """``⟨λ, output⟩`` (:func:`dot64`) after checking the shapes agree."""
+    if output.shape != lam.shape:
+        raise ValueError(f"λ has shape {tuple(lam.shape)} but f_c returned {tuple(output.shape)}")
+    return dot64(lam, output)
+
+
 @torch.no_grad()
 def hybrid_probe_scalars(
     forward: Callable[[], torch.Tensor],
@@ -52,8 +114,9 @@ def hybrid_probe_scalars(
     lam: torch.Tensor,
     seeds: Sequence[int],
     mu: float,
+    distribution: str = "gaussian",
 ) -> list[float]:
-    """HO-SFL client probes: ``v_p = ⟨λ, f_c(θ + μ u_p) − z⟩`` for each seed, forward passes only.
+    """The ``forward`` estimator: ``v_p = ⟨λ, f_c(θ + μ u_p) − z⟩`` for each seed, forward passes only.
 
     ``forward`` evaluates the client segment at the current (perturbed) parameters. Parameters are
     perturbed in place and restored by the opposite step, so memory stays at inference level; the
@@ -70,41 +133,163 @@ def hybrid_probe_scalars(
         base = dot64(lam, anchor)
     else:
         base = float(anchor)
+    shift = _Shift(params, distribution)
     scalars = []
-    kept = None  # the directions of the current seed, when they are small enough to keep
-    if sum(p.numel() for p in params) <= KEEP_DIRECTIONS_FLOATS and all(
-        p.dtype is torch.float32 and p.is_cpu for p in params
-    ):
-        kept = [torch.empty(p.shape, dtype=torch.float32) for p in params]
     for seed in seeds:
-        if kept is None:
-            perturb_(params, seed, mu)
-        else:  # the same values perturb_ draws, drawn once for both steps
-            draw_directions_(kept, seed)
-            for param, u in zip(params, kept):
-                param.add_(u, alpha=mu)
+        shift.select(seed)
+        shift.move(mu)
         try:
             perturbed = forward()
         finally:
-            if kept is None:
-                perturb_(params, seed, -mu)
-            else:
-                for param, u in zip(params, kept):
-                    param.add_(u, alpha=-mu)
-        if perturbed.shape != lam.shape:
-            raise ValueError(f"λ has shape {tuple(lam.shape)} but f_c returned {tuple(perturbed.shape)}")
-        scalars.append(dot64(lam, perturbed) - base)
+            shift.move(-mu)
+        scalars.append(_fold(lam, perturbed) - base)
         del perturbed  # free z̃_p before the next forward pass
     return scalars
 
 
 @torch.no_grad()
+def central_probe_scalars(
+    forward: Callable[[], torch.Tensor],
+    params: Sequence[torch.Tensor],
+    lam: torch.Tensor,
+    seeds: Sequence[int],
+    mu: float,
+    distribution: str = "gaussian",
+) -> list[float]:
+    """The ``central`` estimator: ``v_p = ⟨λ, f_c(θ + μ u_p) − f_c(θ − μ u_p)⟩ / 2`` (``2P`` forwards).
+
+    No anchor ``z`` is needed. Parameters move ``θ → θ + μu → θ − μu → θ`` in place (the caller owns the
+    canonical copy, as for :func:`hybrid_probe_scalars`); each output is folded into ``⟨λ, ·⟩`` and
+    freed before the next forward pass.
+    """
+    shift = _Shift(params, distribution)
+    scalars = []
+    for seed in seeds:
+        shift.select(seed)
+        shift.move(mu)
+        at = mu
+        try:
+            plus = _fold(lam, forward())
+            shift.move(-2.0 * mu)
+            at = -mu
+            minus = _fold(lam, forward())
+        finally:
+            shift.move(-at)
+        scalars.append((plus - minus) / 2.0)
+    return scalars
+
+
+class _Bound(nn.Module):
+    """``forward()`` as the forward of a module holding ``segment``, so that ``functional_call`` can
+    substitute the segment's parameters while it runs."""
+
+    def __init__(self, segment: nn.Module, forward: Callable[[], torch.Tensor]) -> None:
+        super().__init__()
+        self.segment = segment
+        self.run = forward
+
+    def forward(self) -> torch.Tensor:
+        return self.run()
+
+
+@torch.no_grad()
+def jvp_probe_scalars(
+    forward: Callable[[], torch.Tensor],
+    module: nn.Module,
+    lam: torch.Tensor,
+    seeds: Sequence[int],
+    mu: float,
+    distribution: str = "gaussian",
+) -> list[float]:
+    """The ``jvp`` estimator: ``v_p = μ ⟨λ, J_c u_p⟩`` for each seed, exactly (``torch.func.jvp``).
+
+    ``forward`` evaluates the client segment; ``module`` holds its parameters, and the directions are
+    taken along ``trainable_parameters(module)``. Each probe is one forward pass that carries a tangent
+    beside every activation: no graph is recorded, nothing is kept for a backward pass, and the
+    parameters are never modified. A probe holds its full direction (``d_c`` values) while it runs.
+    Attention runs on PyTorch's math kernel meanwhile (the fused ones have no forward-mode derivative).
+    """
+    check_distribution(distribution)
+    params = trainable_parameters(module)
+    if not params:
+        return [0.0 for _ in seeds]
+    bound = _Bound(module, forward)
+    keys = [f"segment.{name}" for name in trainable_names(module)]
+    primals = tuple(p.detach() for p in params)
+
+    def evaluate(*values: torch.Tensor) -> torch.Tensor:
+        return functional_call(bound, dict(zip(keys, values)), ())
+
+    scalars = []
+    with sdpa_kernel([SDPBackend.MATH]):
+        for seed in seeds:
+            tangents = tuple(direction(seed, index, p, distribution) for index, p in enumerate(params))
+            derivative = jvp(evaluate, primals, tangents)[1]
+            del tangents
+            scalars.append(mu * _fold(lam, derivative))
+            del derivative
+    return scalars
+
+
+def probe_scalars(
+    estimator: str,
+    forward: Callable[[], torch.Tensor],
+    module: nn.Module,
+    lam: torch.Tensor,
+    seeds: Sequence[int],
+    mu: float,
+    *,
+    anchor: torch.Tensor | float | None = None,
+    distribution: str = "gaussian",
+) -> list[float]:
+    """HO-SFL client probes with the estimator named ``estimator`` (:data:`ESTIMATORS`): one ``v_p`` per seed.
+
+    ``forward`` evaluates the client segment ``module`` on the probe batch; directions (drawn from
+    ``distribution``) are taken along ``trainable_parameters(module)``. ``anchor`` (``z`` or ``⟨λ, z⟩``)
+    is used by ``forward`` only (:func:`needs_anchor`).
+    """
+    if estimator == "forward":
+        if anchor is None:
+            raise ValueError("the forward estimator needs the anchor z (or ⟨λ, z⟩)")
+        return hybrid_probe_scalars(forward, trainable_parameters(module), anchor, lam, seeds, mu, distribution)
+    if estimator == "central":
+        return central_probe_scalars(forward, trainable_parameters(module), lam, seeds, mu, distribution)
+    if estimator == "jvp":
+        return jvp_probe_scalars(forward, module, lam, seeds, mu, distribution)
+    raise ValueError(f"unknown estimator {estimator!r}; allowed: {', '.join(ESTIMATORS)}")
+
+
+def needs_anchor(estimator: str) -> bool:
+    """Whether ``estimator`` uses the unperturbed output ``z`` (only ``forward`` does)."""
+    return estimator == "forward"
+
+
+def check_jvp(forward: Callable[[], torch.Tensor], module: nn.Module) -> None:
+    """Raise ``ValueError`` with a one-line reason if the ``jvp`` estimator cannot run through ``forward``.
+
+    Meant for setup time, on one example; it does not modify the parameters.
+    """
+    try:
+        with torch.no_grad():
+            lam = torch.ones_like(forward())
+        jvp_probe_scalars(forward, module, lam, [0], 1.0)
+    except (NotImplementedError, RuntimeError) as error:
+        lines = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+        raise ValueError(f"forward-mode autodiff (torch.func.jvp) does not run through it ({reason})") from None
+
+
+@torch.no_grad()
 def estimate_gradient(
-    params: Sequence[torch.Tensor], seeds: Sequence[int], scalars: Sequence[float], mu: float
+    params: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    scalars: Sequence[float],
+    mu: float,
+    distribution: str = "gaussian",
 ) -> list[torch.Tensor]:
     """The full estimate ``ĝ = (1/(P μ)) Σ_p v_p u_p``, one tensor per parameter (for analysis and tests)."""
     coefficients = [float(v) / (len(seeds) * mu) for v in scalars]
-    return [zo_gradient(i, p, seeds, coefficients) for i, p in enumerate(params)]
+    return [zo_gradient(i, p, seeds, coefficients, distribution) for i, p in enumerate(params)]
 
 
 def aggregate_scalars(per_client: Sequence[Sequence[float]], kept_examples: int, total_examples: int) -> tuple[float, ...]:

@@ -1,8 +1,8 @@
 """The ledger of HO-SFL client updates, and their replay (PROTOCOLS §4).
 
-Each round that updates the client segment leaves one entry ``(t, seeds, v̄, lr, μ)``. Applying the
-entries in order to the shared initial weights, with the same optimizer, reproduces ``θ_c`` bit for
-bit on the server's replica and on every client, however late a client catches up.
+Each round that updates the client segment leaves one entry ``(t, seeds, v̄, lr, μ, directions)``.
+Applying the entries in order to the shared initial weights, with the same optimizer, reproduces
+``θ_c`` bit for bit on the server's replica and on every client, however late a client catches up.
 """
 
 from __future__ import annotations
@@ -12,21 +12,28 @@ from dataclasses import dataclass
 
 import torch
 
-from .directions import _THREAD, _direction_seed, _transient
+from .directions import _THREAD, _direction_seed, _transient, check_distribution
 from .optim import ClientOptimizer
 
 
 @dataclass(frozen=True)
 class LedgerEntry:
-    """One round's client update: its seeds, the aggregated scalars ``v̄_p``, and the step's settings."""
+    """One round's client update: its seeds, the aggregated scalars ``v̄_p``, and the step's settings.
+
+    ``directions`` is the distribution the seeds' directions are drawn from (see
+    :data:`~hosfl_flower.zo.directions.DISTRIBUTIONS`): the entry names it, so replay never depends on a
+    node's own settings.
+    """
 
     round: int
     seeds: tuple[int, ...]
     scalars: tuple[float, ...]
     lr: float
     mu: float
+    directions: str = "gaussian"
 
     def __post_init__(self) -> None:
+        check_distribution(self.directions)
         if len(self.seeds) != len(self.scalars):
             raise ValueError(
                 f"ledger entry for round {self.round}: {len(self.seeds)} seeds "
@@ -39,21 +46,29 @@ class LedgerEntry:
         return [float(v) / denom for v in self.scalars]
 
 
-def _zo_gradient(index: int, param: torch.Tensor, seeds: Sequence[int], coefficients: Sequence[float]) -> torch.Tensor:
+def _zo_gradient(
+    index: int, param: torch.Tensor, seeds: Sequence[int], coefficients: Sequence[float], distribution: str
+) -> torch.Tensor:
     # the caller holds torch.no_grad(); each direction is consumed before the next one is drawn
     state = _THREAD
     generator = state.generator
     grad = torch.zeros_like(param)
     for seed, coefficient in zip(seeds, coefficients):
         generator.manual_seed(_direction_seed(seed, index))
-        grad.add_(_transient(state, param), alpha=coefficient)
+        grad.add_(_transient(state, param, distribution), alpha=coefficient)
     return grad
 
 
 @torch.no_grad()
-def zo_gradient(index: int, param: torch.Tensor, seeds: Sequence[int], coefficients: Sequence[float]) -> torch.Tensor:
+def zo_gradient(
+    index: int,
+    param: torch.Tensor,
+    seeds: Sequence[int],
+    coefficients: Sequence[float],
+    distribution: str = "gaussian",
+) -> torch.Tensor:
     """``ĝ_i = Σ_p c_p u_p,i`` for one parameter, regenerated from the seeds."""
-    return _zo_gradient(index, param, seeds, coefficients)
+    return _zo_gradient(index, param, seeds, coefficients, distribution)
 
 
 @torch.no_grad()
@@ -69,7 +84,7 @@ def apply_entry(
     coefficients = entry.coefficients()
     optimizer.begin_step()
     for position, param in enumerate(params):
-        grad = _zo_gradient(first_index + position, param, entry.seeds, coefficients)
+        grad = _zo_gradient(first_index + position, param, entry.seeds, coefficients, entry.directions)
         optimizer.step_param(position, param, grad, entry.lr)
 
 
