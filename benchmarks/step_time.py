@@ -5,7 +5,7 @@ then ``HOSFLClient.probe`` with ``P`` seeds. The forward is ``model.smash(inputs
 ``torch.no_grad()`` on the same batch. Both are timed with ``time.perf_counter``, interleaved
 (forward, step, forward, step, ...) so machine load hits both alike; medians are compared.
 
-    python benchmarks/step_time.py [--quick] [--profile NAME]
+    python benchmarks/step_time.py [--quick] [--profile NAME] [--estimator forward|central|jvp] [--directions gaussian|rademacher]
 """
 
 from __future__ import annotations
@@ -92,12 +92,15 @@ def profile(config: dict, repeats: int = 50) -> str:
 
 
 def main() -> None:
-    args = parse_args(
-        __doc__.splitlines()[0],
-        lambda p: p.add_argument("--profile", metavar="NAME", help="also print a cProfile of this size's step"),
-    )
+    def options(parser) -> None:
+        parser.add_argument("--profile", metavar="NAME", help="also print a cProfile of this size's step")
+        parser.add_argument("--estimator", default="forward", help="zo.estimator of every size")
+        parser.add_argument("--directions", default="gaussian", help="zo.directions of every size")
+
+    args = parse_args(__doc__.splitlines()[0], options)
     set_threads(1)
-    sizes = QUICK_SIZES if args.quick else SIZES
+    variant = {"zo.estimator": args.estimator, "zo.directions": args.directions}
+    sizes = [(name, {**config, **variant}) for name, config in (QUICK_SIZES if args.quick else SIZES)]
     budget = 2.0 if args.quick else 8.0
     started = time.perf_counter()
     rows, lines = [], []
@@ -110,13 +113,13 @@ def main() -> None:
             ratio, r["perturb"] * 1e3, r["catch-up"] * 1e3, r["repeats"],
         ))
         lines.append(ratio_line(f"hosfl step/((P+1) forward) [{name}]", ratio, TARGET))
-    print(f"HO-SFL client step time vs (P+1) forwards ({machine()}, 1 torch thread)\n")
+    print(f"HO-SFL client step time vs (P+1) forwards ({machine()}, 1 torch thread, estimator {args.estimator}, {args.directions} directions)\n")
     headers = ("size", "batch", "d_c", "P", "fwd ms", "step ms", "(P+1)fwd ms", "ratio", "2P perturb ms", "catch-up ms", "reps")
     print(table(headers, rows))
     print("\n2P perturb: the P perturb/restore pairs of the probe; catch-up: replaying one ledger entry (P directions).")
     print(f"({time.perf_counter() - started:.0f} s)")
     if args.profile:
-        print(profile(dict(sizes)[args.profile] if args.profile in dict(sizes) else dict(SIZES)[args.profile]))
+        print(profile(dict(sizes)[args.profile] if args.profile in dict(sizes) else {**dict(SIZES)[args.profile], **variant}))
     print("\n".join(lines))
 
 

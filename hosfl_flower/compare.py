@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,15 @@ def main(argv: list[str] | None = None) -> int:
         "--budget-samples", metavar="N",
         help="give each strategy ceil(N / its samples per round) rounds instead of num-server-rounds",
     )
+    compare.add_argument(
+        "--report-only", action="store_true",
+        help="run nothing: write the report from the runs already in --out (<strategy>/seed-<s>/rounds.jsonl)",
+    )
     compare.add_argument("--num-supernodes", type=int, default=10)
+    compare.add_argument(
+        "--jobs", type=int, default=1,
+        help="simulations run at the same time (a run mostly waits on Flower's message polling, so 2 suit 2 cores)",
+    )
     compare.add_argument("--run-config", action="append", default=[], help="shared run config (key=value ... or a .toml file)")
     compare.add_argument("--out", default="reports/compare", help="report directory")
     compare.add_argument("--target-accuracy", type=float, default=0.8)
@@ -115,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         config = resolve_run_config(shared)
         seeds = parse_seeds(args.seeds) if args.seeds is not None else [config["seed"]]
         budget = parse_budget(args.budget_samples) if args.budget_samples is not None else None
+        if args.jobs < 1:
+            raise ValueError(f"--jobs {args.jobs}: must be a positive integer")
         rounds = {
             s: rounds_for_budget(s, config, budget) if budget is not None else config["num-server-rounds"]
             for s in strategies
@@ -126,13 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hosfl compare: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    failed: set[tuple[str, int]] = set()
-    total = len(strategies) * len(seeds)
-    for number, (seed, strategy) in enumerate(((seed, s) for seed in seeds for s in strategies), start=1):
-        label = f"[{number}/{total}] {strategy:<14} seed {seed}"
+    runs = [(seed, strategy) for seed in seeds for strategy in strategies]
+
+    def run(numbered: tuple[int, tuple[int, str]]) -> tuple[str, int] | None:
+        number, (seed, strategy) = numbered
+        label = f"[{number}/{len(runs)}] {strategy:<14} seed {seed}"
         overrides = f"seed={seed} num-server-rounds={rounds[strategy]}"
-        if run_strategy(strategy, args.run_config, overrides, out / strategy / f"seed-{seed}", args.num_supernodes, label):
-            failed.add((strategy, seed))
+        code = run_strategy(strategy, args.run_config, overrides, out / strategy / f"seed-{seed}", args.num_supernodes, label)
+        return (strategy, seed) if code else None
+
+    if args.report_only:  # the runs are already there (a missing one is reported as failed)
+        failed = {(strategy, seed) for seed, strategy in runs if not (out / strategy / f"seed-{seed}" / "rounds.jsonl").is_file()}
+    else:
+        with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own flower-simulation process
+            failed = {item for item in pool.map(run, enumerate(runs, start=1)) if item is not None}
     results = []
     for strategy in strategies:
         runs = [

@@ -1,5 +1,8 @@
 """From a resolved run config to what a run needs, cached per process: the model, its initial
-weights, the data. Every node rebuilds the same initial model from the run's seed."""
+weights, the data. Every node rebuilds the same initial model from the run's seed.
+
+A ``pretrained-*`` model name stands for a checkpoint directory built on this machine
+(:mod:`hosfl_flower.pretrain`); everything downstream loads it like any local checkpoint."""
 
 from __future__ import annotations
 
@@ -13,6 +16,17 @@ from .data import DataInfo, Examples, FederatedData, TextSpec, load_federated_da
 from .models import SplitModel, build_split_model
 
 
+def model_source(config: Mapping[str, Any]) -> str:
+    """What the model loads from: the config's ``model``, or for a ``pretrained-*`` name its cached
+    checkpoint directory (pretrained on first use)."""
+    name = config["model"]
+    if not name.startswith("pretrained-"):
+        return name
+    from .pretrain import ensure_pretrained
+
+    return ensure_pretrained(name, config["pretrain.cache-dir"])
+
+
 def text_spec(config: Mapping[str, Any]) -> TextSpec | None:
     """The tokenisation settings of a text dataset (``None`` for digits)."""
     if config["dataset"] == "digits":
@@ -21,7 +35,7 @@ def text_spec(config: Mapping[str, Any]) -> TextSpec | None:
     return TextSpec(
         task=config["task"],
         max_length=config["max-length"],
-        tokenizer=config["model"],
+        tokenizer=model_source(config),
         text_column=config["data.text-column"],
         label_column=config["data.label-column"],
         template=config["data.template"],
@@ -38,7 +52,7 @@ def build_model(config: Mapping[str, Any], info: DataInfo) -> SplitModel:
         targets = tuple(t.strip() for t in config["lora.targets"].split(",") if t.strip())
         lora = LoraSettings(config["lora.rank"], config["lora.alpha"], targets)
     return build_split_model(
-        config["model"], config["cut-layer"], info.num_classes, config["seed"],
+        model_source(config), config["cut-layer"], info.num_classes, config["seed"],
         task=config["task"], lora=lora, verbalizer_ids=info.verbalizer_ids,
     )
 
@@ -53,7 +67,7 @@ class ClientTask:
 
 
 _CLIENT_KEYS = (
-    "model", "cut-layer", "task", "seed", "dataset", "partitioner", "dirichlet-alpha", "test-fraction",
+    "model", "pretrain.cache-dir", "cut-layer", "task", "seed", "dataset", "partitioner", "dirichlet-alpha", "test-fraction",
     "max-length", "data.text-column", "data.label-column", "data.template", "data.label-words",
     "lora.rank", "lora.alpha", "lora.targets",
 )

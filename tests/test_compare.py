@@ -68,7 +68,8 @@ def _rows(path) -> list[dict]:
 def test_compare_one_seed_writes_a_report_with_numbers(tmp_path):
     out = tmp_path / "report"
     process = _compare(out, "--strategies", "splitfed-v2,fedavg", "--num-supernodes", "4",
-                       "--run-config", "num-server-rounds=3 eval-every=1", "--target-accuracy", "0.05")
+                       "--run-config", "num-server-rounds=3 eval-every=1", "--target-accuracy", "0.05",
+                       "--jobs", "2")
     assert re.search(r"\[1/2\] splitfed-v2 +seed 0 round +3/3 +test acc", process.stdout)
     report = (out / "report.md").read_text()
     assert "Seeds: 1 (seed 0)" in report
@@ -91,7 +92,8 @@ def test_compare_over_seeds_at_a_sample_budget(tmp_path):
     out, seeds, budget = tmp_path / "report", [1, 4], 48
     shared = "clients-per-round=2 batch-size=8 heron.local-steps=2 heron.upload-every=1 eval-every=1"
     process = _compare(out, "--strategies", "hosfl,heron-sfl", "--seeds", "1,4", "--budget-samples", str(budget),
-                       "--num-supernodes", "4", "--run-config", shared, "--target-accuracy", "0.1", "--no-memory")
+                       "--num-supernodes", "4", "--run-config", shared, "--target-accuracy", "0.1", "--no-memory",
+                       "--jobs", "2")
     assert re.search(r"\[4/4\] heron-sfl +seed 4 round +2/2", process.stdout)
     report = (out / "report.md").read_text()
     assert "Seeds: 2 (1, 4)" in report and "ddof=1" in report
@@ -174,7 +176,8 @@ def test_round_costs_per_protocol():
 
 
 @pytest.mark.parametrize("args", [["--seeds", "0,x"], ["--seeds", "1,1"], ["--budget-samples", "0"],
-                                  ["--budget-samples", "many"], ["--strategies", "hosfl,nope"]])
+                                  ["--budget-samples", "many"], ["--strategies", "hosfl,nope"],
+                                  ["--jobs", "0"]])
 def test_bad_input_is_one_line_and_exit_code_2(args, capsys, tmp_path):
     assert main(["compare", "--out", str(tmp_path / "never"), *args]) == 2
     captured = capsys.readouterr()

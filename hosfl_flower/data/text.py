@@ -10,6 +10,12 @@ regression on counts: 66 % held out); the rest needs binding each negation to it
 finding the clause after ``but``. Every review ends with the prompt ``"it was"``, whose next word
 ``"bad"`` / ``"good"`` is the verbalizer.
 
+The pretraining corpus (:func:`review_corpus`) is unlabelled text in the same language without
+negations, ``but`` or the prompt: documents of two to four clauses of one polarity joined by ``and``
+or full stops (subjects include ``it``), so next-word prediction rewards tracking the polarity of
+the text so far. It has its own generator and seeds and no labels, so no review of the federated
+task is in it, and negation and ``but`` are what fine-tuning has to add.
+
 Tokenised datasets have the columns ``input_ids``, ``attention_mask`` (right-padded to a fixed
 ``max_length``, so ``z`` has a fixed shape) and ``label``.
 """
@@ -50,11 +56,15 @@ _ADJECTIVES = (
 _PROMPT = ". it was"
 _NEGATED, _INTENSIFIED, _OPENED = 0.25, 0.4, 0.3  # shares of negated / intensified clauses, of reviews with an opener
 _ONE_CLAUSE, _BUT = 0.5, 0.25  # shares of one-clause and "but" reviews (the rest: "and")
+_CORPUS_AND = 0.7  # share of corpus clauses joined by "and" (the rest: a full stop)
+_CORPUS_SUBJECTS = (*_SUBJECTS, "it")
 
 
-def _clause(rng: random.Random, polarity: int) -> str:
-    negated = rng.random() < _NEGATED
-    words = [rng.choice(_SUBJECTS), rng.choice(_VERBS)]
+def _clause(
+    rng: random.Random, polarity: int, negation: float = _NEGATED, subjects: Sequence[str] = _SUBJECTS
+) -> str:
+    negated = rng.random() < negation
+    words = [rng.choice(subjects), rng.choice(_VERBS)]
     if negated:
         words.append(rng.choice(_NEGATIONS))
     if rng.random() < _INTENSIFIED:
@@ -83,6 +93,25 @@ def sentiment_reviews(num_examples: int, seed: int) -> Dataset:
         {"text": datasets.Value("string"), "label": ClassLabel(names=["negative", "positive"])}
     )
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
+
+
+CORPUS_VERSION = 1
+"""Version of :func:`review_corpus`'s generator: bump it whenever the text it generates changes."""
+
+
+def review_corpus(num_documents: int, seed: int) -> list[str]:
+    """``num_documents`` unlabelled documents for causal-LM pretraining (see the module docstring)."""
+    rng = random.Random(f"review-corpus-{seed}")  # a string seed: a different stream from sentiment_reviews
+    documents = []
+    for _ in range(num_documents):
+        polarity = rng.randrange(2)
+        words = [rng.choice(_OPENERS)] if rng.random() < _OPENED else []
+        for index in range(rng.randint(2, 4)):
+            if index:
+                words.append("and" if rng.random() < _CORPUS_AND else ".")
+            words.append(_clause(rng, polarity, negation=0.0, subjects=_CORPUS_SUBJECTS))
+        documents.append(" ".join([*words, "."]))
+    return documents
 
 
 def sentiment_tokenizer() -> PreTrainedTokenizerFast:
