@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .zo.directions import DISTRIBUTIONS as DIRECTIONS
+from .zo.estimator import ESTIMATORS
 from .zo.update import LR_SCHEDULES
 
 STRATEGIES = ("hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg")
@@ -30,10 +32,6 @@ AUX_HEADS = ("linear", "mlp")
 DATASETS = ("digits", "sentiment")
 PARTITIONERS = ("iid", "dirichlet")
 OPTIMIZERS = ("sgd", "adamw")
-ESTIMATORS = ("forward", "central", "jvp")
-"""How a client turns one direction into a scalar: the paper's one-sided forward difference (P extra
-forwards), a central difference (2P), or the exact directional derivative by forward-mode autodiff."""
-DIRECTIONS = ("gaussian", "rademacher")
 PLACEMENTS = ("local", "ray")
 
 
@@ -202,6 +200,14 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
             raise ConfigError("model", model, f"unknown tiny transformer; allowed: {', '.join(TINY_TRANSFORMERS)}")
         if model in TINY_TRANSFORMERS and not 1 <= config["cut-layer"] <= 2:
             raise ConfigError("cut-layer", config["cut-layer"], f"must be within {model}'s blocks 1..2")
+        if model.startswith("pretrained-"):
+            from .pretrain import PRETRAINED_MODELS
+
+            if model not in PRETRAINED_MODELS:
+                raise ConfigError("model", model, f"unknown pretrained model; allowed: {', '.join(sorted(PRETRAINED_MODELS))}")
+            blocks = PRETRAINED_MODELS[model].num_blocks
+            if not 1 <= config["cut-layer"] < blocks:
+                raise ConfigError("cut-layer", config["cut-layer"], f"must be within {model}'s blocks 1..{blocks - 1}")
         if config["task"] == "verbalizer" and dataset != "sentiment" and not config["data.label-words"]:
             raise ConfigError("data.label-words", "", "task=verbalizer needs one label word per class")
     if config["heron.upload-every"] > config["heron.local-steps"]:

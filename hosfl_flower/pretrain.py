@@ -74,6 +74,11 @@ class PretrainSpec:
             setattr(config, field, value)
         return config
 
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks of the model (the cut must leave at least one on each side)."""
+        return int(self.model_config().num_hidden_layers)
+
     def key(self) -> str:
         """A hash of the spec, the resulting model config, the corpus generator and library versions."""
         import transformers

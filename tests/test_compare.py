@@ -127,6 +127,12 @@ def test_compare_over_seeds_at_a_sample_budget(tmp_path):
         assert final[int(worst_seed)] == min(final.values()) and float(worst_accuracy) == pytest.approx(min(final.values()), abs=5e-5)
     for plot in PLOTS:
         assert (out / plot).stat().st_size > 1000 and (out / plot).read_bytes()[:4] == b"\x89PNG"
+    # --report-only rebuilds the same report from the runs on disk, running nothing
+    (out / "report.md").unlink()
+    assert main(["compare", "--out", str(out), "--strategies", "hosfl,heron-sfl", "--seeds", "1,4",
+                 "--budget-samples", str(budget), "--run-config", shared, "--target-accuracy", "0.1",
+                 "--no-memory", "--report-only"]) == 0
+    assert (out / "report.md").read_text() == report
 
 
 def _run(strategy: str, seed: int, accuracies: list[float], total: int, seconds: float) -> RunSummary:

@@ -47,6 +47,10 @@ BAD_VALUES = [
 ]
 
 CROSS_KEY_VALUES = [
+    ("cut-layer", 4, "must be within pretrained-tiny-llama's blocks 1..3", {"model": "pretrained-tiny-llama", "dataset": "sentiment"}),
+    ("model", "pretrained-nope", "unknown pretrained model", {"dataset": "sentiment"}),
+    ("zo.clip-grad-norm", -1.0, "must be a number >= 0", {}),
+    ("client.lr-schedule", "linear", "must be one of constant, cosine", {}),
     ("checkpoint-every", 5, "not supported by strategy fedavg", {"strategy": "fedavg"}),
     ("checkpoint-dir", "", "needs a checkpoint directory", {"resume": True}),
     ("cut-layer", 3, "within tiny-llama's blocks 1..2", {"model": "tiny-llama", "dataset": "sentiment"}),
