@@ -26,7 +26,7 @@ LEARNING = [
     ("splitfed-v2", "", 25, 0.65),
     ("splitfed-v1", "split-server.placement='ray'", 50, 0.70),
     ("fedavg", "", 50, 0.85),
-    ("heron-sfl", "", 25, 0.70),
+    ("heron-sfl", "heron.lr=0.01", 25, 0.70),
     ("zo-sfl", "", 300, 0.20),
 ]
 
