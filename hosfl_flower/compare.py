@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hosfl compare: {error}", file=sys.stderr)
         return 2
     out = Path(args.out)
+    if config["model"].startswith("pretrained-") and not args.report_only:
+        from .pretrain import ensure_pretrained  # built once here (its cost printed), not raced by the runs
+
+        print(f"starting point: {ensure_pretrained(config['model'], config['pretrain.cache-dir'])}", flush=True)
     runs = [(seed, strategy) for seed in seeds for strategy in strategies]
 
     def run(numbered: tuple[int, tuple[int, str]]) -> tuple[str, int] | None:
