@@ -7,7 +7,7 @@ loop has moved every number through Flower without loss.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ from .data import load_federated_data, sample_batch
 from .evaluation import evaluate_model
 from .models import SplitModel
 from .schedule import RoundSchedule
-from .split_server import SplitServer
+from .split_server import SplitServer, StepResult
 from .task import build_model, text_spec
 from .zo import ClientUpdateRule, Ledger, aggregate_scalars, apply_entry, make_client_optimizer, probe_scalars
 
@@ -32,8 +32,27 @@ class ReferenceResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def run_reference(run_config: Mapping[str, Any], num_partitions: int) -> ReferenceResult:
-    """Run HO-SFL for ``num-server-rounds`` rounds over ``num_partitions`` nodes, all in this process."""
+@dataclass
+class RoundTrace:
+    """What :func:`run_reference` shows an observer after a round's server step, before the client update."""
+
+    round: int
+    model: SplitModel
+    inputs: list[dict[str, torch.Tensor]]
+    smashed: list[torch.Tensor]
+    step: StepResult
+
+
+def run_reference(
+    run_config: Mapping[str, Any],
+    num_partitions: int,
+    observe: Callable[[RoundTrace], None] | None = None,
+) -> ReferenceResult:
+    """Run HO-SFL for ``num-server-rounds`` rounds over ``num_partitions`` nodes, all in this process.
+
+    ``observe`` (for analysis) is called each round after the server step, with the client segment
+    still at the round's ``θ_c``; it must not change the model.
+    """
     cfg = resolve_run_config(run_config)
     torch.set_num_threads(cfg["torch-threads"])
     seed, num_probes, mu = cfg["seed"], cfg["zo.num-perturbations"], cfg["zo.mu"]
@@ -67,6 +86,8 @@ def run_reference(run_config: Mapping[str, Any], num_partitions: int) -> Referen
                 inputs.append(batch.inputs)
         sizes = [len(labels) for _, labels in batches]
         step = server.step(batches, [n / sum(sizes) for n in sizes])
+        if observe is not None:
+            observe(RoundTrace(rnd, model, inputs, [smashed["z"] for smashed, _ in batches], step))
         row: dict[str, Any] = {"round": rnd, "train_loss": step.loss}
         if num_probes:
             scalars = []

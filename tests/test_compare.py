@@ -130,7 +130,7 @@ def test_compare_over_seeds_at_a_sample_budget(tmp_path):
     # --report-only rebuilds the same report from the runs on disk, running nothing
     (out / "report.md").unlink()
     assert main(["compare", "--out", str(out), "--strategies", "hosfl,heron-sfl", "--seeds", "1,4",
-                 "--budget-samples", str(budget), "--run-config", shared, "--target-accuracy", "0.1",
+                 "--budget-samples", str(budget), "--run-config", shared, "--target-accuracy", "0.1", "--num-supernodes", "4",
                  "--no-memory", "--report-only"]) == 0
     assert (out / "report.md").read_text() == report
 
