@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(args.out)
     if config["model"].startswith("pretrained-") and not args.report_only:
-        from .pretrain import ensure_pretrained  # built once here (its cost printed), not raced by the runs
+        from .task import model_source  # the checkpoint is built once here (its cost printed), not raced by the runs
 
-        print(f"starting point: {ensure_pretrained(config['model'], config['pretrain.cache-dir'])}", flush=True)
+        print(f"starting point: {model_source(config)}", flush=True)
     runs = [(seed, strategy) for seed in seeds for strategy in strategies]
 
     def run(numbered: tuple[int, tuple[int, str]]) -> tuple[str, int] | None:

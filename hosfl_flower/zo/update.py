@@ -12,6 +12,7 @@ the next update: a feedback loop that ends in a collapse. Clipping ``‖ĝ‖`` 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -84,7 +85,5 @@ class ClientUpdateRule:
             norm = estimate_norm(params, entry)
             if norm > self.clip_grad_norm:
                 scale = self.clip_grad_norm / norm
-                entry = LedgerEntry(
-                    server_round, entry.seeds, tuple(v * scale for v in entry.scalars), entry.lr, entry.mu, entry.directions
-                )
+                entry = dataclasses.replace(entry, scalars=tuple(v * scale for v in entry.scalars))
         return entry
