@@ -12,10 +12,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "HOSFLStrategy": "hosfl_flower.strategies",
-    "SplitStrategy": "hosfl_flower.strategies",
-    "HOSFLClient": "hosfl_flower.client",
-    "ClientSettings": "hosfl_flower.client",
+    "HOSFLStrategy": "hosfl_flower.flower.strategy",
+    "HOSFLClient": "hosfl_flower.node.client",
+    "ClientSettings": "hosfl_flower.node.client",
+    "register_protocol": "hosfl_flower.protocols",
+    "ProtocolServer": "hosfl_flower.protocols",
+    "register_model": "hosfl_flower.models",
     "SplitModel": "hosfl_flower.models",
     "build_split_model": "hosfl_flower.models",
     "SplitServer": "hosfl_flower.split_server",
@@ -24,7 +26,7 @@ _EXPORTS = {
     "server_model_and_test": "hosfl_flower.task",
     "run_reference": "hosfl_flower.reference",
     "build_apps": "hosfl_flower.app",
-    "build_client_app": "hosfl_flower.client_app",
+    "build_client_app": "hosfl_flower.flower.client_app",
 }
 
 __all__ = sorted(_EXPORTS)

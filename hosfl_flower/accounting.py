@@ -1,8 +1,10 @@
-"""Per-round accounting: bytes of every record of every message, round trips, compute seconds (PROTOCOLS §6)."""
+"""Per-round accounting: bytes of every record of every message by category, round trips, compute
+seconds. Each message type declares the category of each of its records (docs/protocols.md, "Accounting")."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from flwr.app import Message
@@ -17,24 +19,6 @@ CATEGORIES = (
     "seeds_and_ledger_down",
     "other",
 )
-
-RECORD_CATEGORIES: dict[tuple[str, str], str] = {
-    ("up", "smashed"): "activations_up",
-    ("up", "labels"): "labels_up",
-    ("down", "activation-grad"): "activation_grads_down",
-    ("up", "arrays"): "model_up",
-    ("down", "arrays"): "model_down",
-    ("up", "client-state"): "model_up",
-    ("down", "client-state"): "model_down",
-    ("up", "aux-head"): "model_up",
-    ("down", "aux-head"): "model_down",
-    ("up", "scalars"): "scalars_up",
-    ("down", "ledger"): "seeds_and_ledger_down",
-    ("down", "seeds"): "seeds_and_ledger_down",
-}
-"""``(direction, record name) -> category`` (the name up to its first ``.``, so ``smashed.3`` counts as
-``smashed``); every other record counts as ``other``."""
-
 
 def record_bytes(record) -> int:
     """``record.count_bytes()``; for config/metric records Flower cannot count (empty strings or
@@ -66,14 +50,14 @@ class RoundAccount:
     client_seconds: float = 0.0
     server_seconds: float = 0.0
 
-    def count(self, message: Message, direction: str) -> None:
-        """Add the bytes of every record of ``message`` sent in ``direction`` (``up`` or ``down``)."""
+    def count(self, message: Message, categories: Mapping[str, str]) -> None:
+        """Add the bytes of every record of ``message``: record ``name`` (up to its first ``.``) to
+        ``categories[name]``, an undeclared record to ``other``."""
         if message.has_error():
             return
         self.messages += 1
         for name, record in message.content.items():
-            category = RECORD_CATEGORIES.get((direction, name.split(".", 1)[0]), "other")
-            self.bytes[category] += record_bytes(record)
+            self.bytes[categories.get(name.split(".", 1)[0], "other")] += record_bytes(record)
 
     @property
     def total_bytes(self) -> int:

@@ -10,30 +10,32 @@ from typing import Any
 import torch
 from flwr.app import Context
 from flwr.common.logger import log
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from .client_app import build_client_app
 from .config import resolve_run_config
-from .strategies import STRATEGY_CLASSES, FedAvgBaseline, SplitStrategy
+from .flower.client_app import build_client_app
+from .flower.strategy import HOSFLStrategy
+from .node.client import HOSFLClient
 from .task import server_model_and_test
 
 
-def build_strategy(run_config: Mapping[str, Any]) -> SplitStrategy | FedAvgBaseline:
-    """The strategy named by ``strategy``, with the model and test data the run config describes."""
+def build_strategy(run_config: Mapping[str, Any], strategy_class: type[HOSFLStrategy] = HOSFLStrategy) -> HOSFLStrategy:
+    """The strategy running the protocol named by ``strategy``, with the model and test data the run config describes."""
     config = resolve_run_config(run_config)
     model, test = server_model_and_test(config)
-    return STRATEGY_CLASSES[config["strategy"]](model, test, config)
+    return strategy_class(model, test, config)
 
 
-def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
-    """A ``ServerApp`` that validates the run config, builds the strategy and runs it."""
+def build_server_app(overrides: Mapping[str, Any] | None = None, strategy_class: type[HOSFLStrategy] = HOSFLStrategy) -> ServerApp:
+    """A ``ServerApp`` that validates the run config, builds the strategy (``strategy_class``) and runs it."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         config = resolve_run_config(context.run_config, overrides or {})
         torch.set_num_threads(config["torch-threads"])
-        strategy = build_strategy(config)
+        strategy = build_strategy(config, strategy_class)
         result = strategy.start(grid=grid, num_rounds=config["num-server-rounds"])
         last = max(result.evaluate_metrics_serverapp)
         log(INFO, "[%s] finished: test accuracy %.4f after %d rounds", strategy.name,
@@ -42,13 +44,18 @@ def build_server_app(overrides: Mapping[str, Any] | None = None) -> ServerApp:
     return app
 
 
-def build_apps(overrides: Mapping[str, Any] | None = None):
-    """``(ServerApp, ClientApp)`` for this package; ``overrides`` are run-config values that win.
+def build_apps(
+    overrides: Mapping[str, Any] | None = None,
+    strategy_class: type[HOSFLStrategy] = HOSFLStrategy,
+    client_class: type[HOSFLClient] = HOSFLClient,
+) -> tuple[ServerApp, ClientApp]:
+    """``(ServerApp, ClientApp)`` for this package; ``overrides`` are run-config values that win, and
+    ``strategy_class`` / ``client_class`` are the subclasses to run on the server and on every node.
 
     The config is validated here too, so a bad value fails before any simulation starts.
     """
     resolve_run_config(overrides or {})
-    return build_server_app(overrides), build_client_app(overrides)
+    return build_server_app(overrides, strategy_class), build_client_app(overrides, client_class)
 
 
 _apps = build_apps()

@@ -8,16 +8,13 @@ naming the key, the value and what is allowed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from .zo.directions import DISTRIBUTIONS as DIRECTIONS
-from .zo.estimator import ESTIMATORS
-from .zo.update import LR_SCHEDULES
+from .options import ConfigError, Option
+from .protocols.base import RunSettings
+from .protocols.registry import protocol_options, protocols
 
-STRATEGIES = ("hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg")
 VISION_MODELS = ("cnn", "resnet")
 TINY_TRANSFORMERS = (
     "tiny-gpt2", "tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert", "tiny-roberta",
@@ -35,73 +32,8 @@ OPTIMIZERS = ("sgd", "adamw")
 PLACEMENTS = ("local", "ray")
 
 
-class ConfigError(ValueError):
-    """A run-config value is invalid; the message names the key, the value and what is allowed."""
-
-    def __init__(self, key: str, value: Any, allowed: str) -> None:
-        self.key, self.value, self.allowed = key, value, allowed
-        super().__init__(f"invalid run-config value {key}={value!r}: {allowed}")
-
-
-@dataclass(frozen=True)
-class Option:
-    """One run-config key: its default, type and allowed values."""
-
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
-
-    @property
-    def kind(self) -> type:
-        return type(self.default)
-
-    def check(self, key: str, value: Any) -> Any:
-        """Return ``value`` converted to the option's type, or raise :class:`ConfigError`."""
-        kind = self.kind
-        if kind is bool:
-            if not isinstance(value, bool):
-                raise ConfigError(key, value, "must be true or false")
-            return value
-        if kind is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                if isinstance(value, float) and value.is_integer():
-                    value = int(value)
-                else:
-                    raise ConfigError(key, value, f"must be an integer{self._range_text()}")
-        elif kind is float:
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(key, value, f"must be a number{self._range_text()}")
-            value = float(value)
-            if not math.isfinite(value):
-                raise ConfigError(key, value, f"must be a finite number{self._range_text()}")
-        elif kind is str:
-            if not isinstance(value, str):
-                raise ConfigError(key, value, "must be a string")
-            if self.choices is not None and value not in self.choices:
-                raise ConfigError(key, value, f"must be one of {', '.join(self.choices)}")
-            return value
-        below = self.minimum is not None and (value < self.minimum or (self.exclusive_minimum and value == self.minimum))
-        above = self.maximum is not None and value > self.maximum
-        if below or above:
-            raise ConfigError(key, value, f"must be {'an integer' if kind is int else 'a number'}{self._range_text()}")
-        return value
-
-    def _range_text(self) -> str:
-        parts = []
-        if self.minimum is not None:
-            parts.append(f"{'>' if self.exclusive_minimum else '>='} {self.minimum:g}")
-        if self.maximum is not None:
-            parts.append(f"<= {self.maximum:g}")
-        return (" " + " and ".join(parts)) if parts else ""
-
-
-OPTIONS: dict[str, Option] = {
-    "strategy": Option("hosfl", "which protocol to run", choices=STRATEGIES),
-    "num-server-rounds": Option(150, "rounds to run", minimum=1),
-    "seed": Option(0, "seed of the server RNG, initial weights, data split and minibatches", minimum=0),
+CORE_OPTIONS: dict[str, Option] = {
+    "strategy": Option("hosfl", "which registered protocol to run"),
     "model": Option("cnn", "cnn, resnet, a tiny-* transformer, or a Hugging Face hub name or local directory"),
     "pretrain.cache-dir": Option("", "where pretrained-* checkpoints are built and cached (empty: $HOSFL_FLOWER_CACHE or ~/.cache/hosfl-flower)"),
     "cut-layer": Option(0, "the client segment is the model's first cut-layer blocks (0: the model's default cut, 3 for cnn, 2 otherwise)", minimum=0),
@@ -118,20 +50,9 @@ OPTIONS: dict[str, Option] = {
     "partitioner": Option("iid", "how training data is split across nodes", choices=PARTITIONERS),
     "dirichlet-alpha": Option(0.3, "Dirichlet concentration for partitioner=dirichlet", minimum=0.0, exclusive_minimum=True),
     "test-fraction": Option(0.2, "held-out share of the data for central evaluation", minimum=0.0, maximum=0.9, exclusive_minimum=True),
-    "clients-per-round": Option(3, "nodes sampled per round (K)", minimum=1),
     "min-nodes": Option(0, "wait for this many nodes before round 1 (0: clients-per-round)", minimum=0),
-    "batch-size": Option(32, "examples per client minibatch", minimum=1),
     "eval-every": Option(1, "central evaluation every this many rounds", minimum=1),
     "eval-batch-size": Option(512, "batch size of central evaluation", minimum=1),
-    "zo.num-perturbations": Option(20, "P: seeded directions per round (0 freezes the client)", minimum=0),
-    "zo.mu": Option(1e-3, "μ: perturbation scale", minimum=0.0, exclusive_minimum=True),
-    "zo.estimator": Option("forward", "forward (the paper's one-sided difference), central, or jvp (exact, forward-mode autodiff)", choices=ESTIMATORS),
-    "zo.directions": Option("gaussian", "distribution of the seeded directions: gaussian (the paper's) or rademacher (±1)", choices=DIRECTIONS),
-    "zo.clip-grad-norm": Option(5.0, "clip the L2 norm of the aggregated client estimate ĝ to this value before the step (0: off)", minimum=0.0),
-    "client.lr-schedule": Option("cosine", "client learning rate over the rounds: constant, or cosine decay to 0 at num-server-rounds", choices=LR_SCHEDULES),
-    "client.optimizer": Option("sgd", "client optimizer (sgd is stateless)", choices=OPTIMIZERS),
-    "client.lr": Option(0.3, "client learning rate", minimum=0.0),
-    "client.weight-decay": Option(0.0, "client decoupled weight decay", minimum=0.0),
     "server.optimizer": Option("adamw", "server optimizer", choices=OPTIMIZERS),
     "server.lr": Option(0.02, "server learning rate", minimum=0.0),
     "server.momentum": Option(0.9, "server SGD momentum", minimum=0.0, maximum=1.0),
@@ -148,7 +69,6 @@ OPTIONS: dict[str, Option] = {
     "split-server.placement": Option("local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS),
     "torch-threads": Option(1, "torch intra-op threads of the server and every client (results are bit-exact per setting)", minimum=1),
     "round-timeout": Option(600.0, "seconds to wait for replies in one exchange", minimum=0.0, exclusive_minimum=True),
-    "min-replies": Option(1, "a round needs this many valid replies in every exchange, else it is skipped unchanged", minimum=1),
     "max-skipped-rounds": Option(10, "stop with an error after this many skipped rounds in a row", minimum=1),
     "checkpoint-every": Option(0, "write a checkpoint every this many rounds (0: never)", minimum=0),
     "checkpoint-dir": Option("checkpoints", "where checkpoints are written and resumed from"),
@@ -156,9 +76,20 @@ OPTIONS: dict[str, Option] = {
     "faults.failure-rate": Option(0.0, "fault injection: share of protocol replies that fail (testing only)", minimum=0.0, maximum=1.0),
     "faults.nan-partition": Option(-1, "fault injection: this partition's replies carry NaN values (-1: none)", minimum=-1),
     "faults.wrong-count-partition": Option(-1, "fault injection: this partition replies with one value too few (-1: none)", minimum=-1),
-    "final-sync": Option(True, "after the last round, bring every node up to date and check its fingerprint"),
     "results-dir": Option("results", "where per-round results and the final model are written"),
 }
+
+"""The run-wide keys that belong to no protocol (``RunSettings`` and each protocol's settings add theirs)."""
+
+
+def all_options() -> dict[str, Option]:
+    """Every run-config key: the core ones, :class:`RunSettings`' and every registered protocol's."""
+    protocols()  # the package's own protocols register on first use
+    return {**CORE_OPTIONS, **dict(RunSettings.options()), **protocol_options()}
+
+
+OPTIONS = all_options()
+"""The run-config keys of the package's own protocols (a protocol registered later adds its keys to :func:`all_options`)."""
 
 DEFAULTS: dict[str, Any] = {key: option.default for key, option in OPTIONS.items()}
 """Every key with its default; ``[tool.flwr.app.config]`` in pyproject.toml holds the same table."""
@@ -169,13 +100,17 @@ def resolve_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
 
     Unknown keys and bad values raise :class:`ConfigError`.
     """
-    merged: dict[str, Any] = dict(DEFAULTS)
+    options = all_options()
+    merged: dict[str, Any] = {key: option.default for key, option in options.items()}
     for layer in layers:
         for key, value in layer.items():
-            if key not in OPTIONS:
-                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(sorted(OPTIONS))}")
+            if key not in options:
+                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(sorted(options))}")
             merged[key] = value
-    resolved = {key: OPTIONS[key].check(key, value) for key, value in merged.items()}
+    resolved = {key: options[key].check(key, value) for key, value in merged.items()}
+    registered = protocols()
+    if resolved["strategy"] not in registered:
+        raise ConfigError("strategy", resolved["strategy"], f"must be one of {', '.join(registered)}")
     if resolved["cut-layer"] == 0:
         resolved["cut-layer"] = DEFAULT_CUTS.get(resolved["model"], 2)
     _check_cross_keys(resolved)
@@ -243,6 +178,7 @@ def parse_run_config_overrides(text: str) -> dict[str, Any]:
             overrides[key] = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             overrides[key] = raw.strip()
-        if key not in OPTIONS:
-            raise ConfigError(key, overrides[key], f"unknown key; known keys: {', '.join(sorted(OPTIONS))}")
+        options = all_options()
+        if key not in options:
+            raise ConfigError(key, overrides[key], f"unknown key; known keys: {', '.join(sorted(options))}")
     return overrides

@@ -1,114 +1,127 @@
-"""HO-SFL as a plain in-process loop, with no Flower: the independent check of the Flower run.
+"""Any registered protocol as a plain in-process loop, with no Flower: the check of the Flower run.
 
-It uses the same maths (models, split server, zeroth-order engine, schedule, minibatch draw) but none
-of the message, record, state or strategy machinery, so a Flower run that ends ``torch.equal`` to this
-loop has moved every number through Flower without loss.
+It drives the protocol's own server part and its nodes' handlers, exactly as the Flower strategy and
+ClientApp do, but hands each typed request to the node's client directly instead of through records,
+messages, the simulation engine and ``Context``. A Flower run that ends ``torch.equal`` to this loop
+therefore shows that the transport moved every number without loss.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import copy
+import itertools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from flwr.app import RecordDict
 
 from .config import resolve_run_config
-from .data import load_federated_data, sample_batch
 from .evaluation import evaluate_model
 from .models import SplitModel
+from .node.client import ClientSettings, HOSFLClient
+from .node.store import WeightStore
+from .protocols.base import Check, Link, NodeInfo, ProtocolServer, RunSettings, ServerHooks
+from .protocols.messages import ModelSpec, Payload
+from .protocols.registry import get_protocol
 from .schedule import RoundSchedule
-from .split_server import SplitServer, StepResult
-from .task import build_model, text_spec
-from .zo import ClientUpdateRule, Ledger, aggregate_scalars, apply_entry, make_client_optimizer, probe_scalars
+from .split_server import SplitServer
+from .task import client_task, server_model_and_test
+
+_RUNS = itertools.count()
 
 
 @dataclass
 class ReferenceResult:
-    """Final split model (client = the shared ``θ_c``), the ledger, and per-round metrics."""
+    """The server's final model, its protocol server part, and per-round metrics."""
 
     model: SplitModel
-    ledger: Ledger
+    protocol: ProtocolServer
     history: list[dict[str, Any]] = field(default_factory=list)
+    clients: dict[int, HOSFLClient] = field(default_factory=dict)
+
+    @property
+    def ledger(self):
+        """The ledger of a ledger protocol (HO-SFL, ZO-SFL, frozen client)."""
+        return self.protocol.sync.ledger
 
 
 @dataclass
 class RoundTrace:
-    """What :func:`run_reference` shows an observer after a round's server step, before the client update."""
+    """What :func:`run_reference` shows an observer after each round."""
 
     round: int
     model: SplitModel
-    inputs: list[dict[str, torch.Tensor]]
-    smashed: list[torch.Tensor]
-    step: StepResult
+    metrics: Mapping[str, Any]
+
+
+class InProcessLink(Link):
+    """A link that calls each node's handler directly (requests and replies are deep-copied, as
+    records would copy them)."""
+
+    def __init__(self, name: str, clients: Mapping[int, HOSFLClient], server_round: int) -> None:
+        super().__init__(name)
+        self.clients, self.server_round = clients, server_round
+
+    def exchange(self, requests: Sequence[tuple[NodeInfo, Payload]], check: Check | None = None) -> dict[NodeInfo, Any]:
+        kept: dict[NodeInfo, Any] = {}
+        for node, request in requests:
+            reply = self.clients[node.node_id].handle(copy.deepcopy(request), self.server_round)
+            reply = copy.deepcopy(reply)
+            if self.keep(node, reply, check):
+                kept[node] = reply
+        if requests:
+            self.account.round_trips += 1
+        return kept
+
+
+def build_reference_nodes(cfg: Mapping[str, Any], num_partitions: int, client_class: type[HOSFLClient] = HOSFLClient) -> dict[int, HOSFLClient]:
+    """One client per partition (node id = partition id), sharing one model as a Flower process's nodes do."""
+    task = client_task(cfg, num_partitions)
+    store, run_id = WeightStore(None), f"reference-{next(_RUNS)}"
+    return {
+        pid: client_class(
+            task.model, task.data.partition(pid), ClientSettings.from_config(cfg, pid, num_partitions),
+            task.initial_client_state, RecordDict(), store, run_id, pid,
+        )
+        for pid in range(num_partitions)
+    }
 
 
 def run_reference(
     run_config: Mapping[str, Any],
     num_partitions: int,
     observe: Callable[[RoundTrace], None] | None = None,
+    hooks: ServerHooks | None = None,
+    client_class: type[HOSFLClient] = HOSFLClient,
 ) -> ReferenceResult:
-    """Run HO-SFL for ``num-server-rounds`` rounds over ``num_partitions`` nodes, all in this process.
-
-    ``observe`` (for analysis) is called each round after the server step, with the client segment
-    still at the round's ``θ_c``; it must not change the model.
-    """
+    """Run the run config's protocol for ``num-server-rounds`` rounds over ``num_partitions`` nodes in
+    this process; ``observe`` (for analysis) is called after each round and must not change the model."""
     cfg = resolve_run_config(run_config)
     torch.set_num_threads(cfg["torch-threads"])
-    seed, num_probes, mu = cfg["seed"], cfg["zo.num-perturbations"], cfg["zo.mu"]
-    data = load_federated_data(
-        cfg["dataset"], num_partitions, cfg["partitioner"], cfg["dirichlet-alpha"], seed, cfg["test-fraction"],
-        text_spec(cfg),
-    )
-    model = build_model(cfg, data.info)
+    spec = get_protocol(cfg["strategy"])
+    model, test = server_model_and_test(cfg)
+    run, schedule = RunSettings.from_config(cfg), RoundSchedule(cfg["seed"])
     server = SplitServer(
-        model,
-        optimizer=cfg["server.optimizer"],
-        lr=cfg["server.lr"],
-        momentum=cfg["server.momentum"],
+        model, optimizer=cfg["server.optimizer"], lr=cfg["server.lr"], momentum=cfg["server.momentum"],
         weight_decay=cfg["server.weight-decay"],
     )
-    client_optimizer = make_client_optimizer(cfg["client.optimizer"], cfg["client.weight-decay"])
-    update_rule = ClientUpdateRule.from_config(cfg)
-    schedule = RoundSchedule(seed)
-    ledger = Ledger()
-    result = ReferenceResult(model, ledger)
-
-    for rnd in range(1, cfg["num-server-rounds"] + 1):
-        sampled = schedule.sample(range(num_partitions), cfg["clients-per-round"])
-        seeds = schedule.seeds(num_probes)
-        canonical = {k: v.clone() for k, v in model.client_state().items()}
-        batches, inputs = [], []
-        with torch.no_grad():
-            for pid in sampled:
-                batch = sample_batch(data.partition(pid), cfg["batch-size"], seed, pid, rnd)
-                batches.append((model.smash(batch.inputs), batch.labels))
-                inputs.append(batch.inputs)
-        sizes = [len(labels) for _, labels in batches]
-        step = server.step(batches, [n / sum(sizes) for n in sizes])
-        if observe is not None:
-            observe(RoundTrace(rnd, model, inputs, [smashed["z"] for smashed, _ in batches], step))
-        row: dict[str, Any] = {"round": rnd, "train_loss": step.loss}
-        if num_probes:
-            scalars = []
-            for batch_inputs, (smashed, _), lam in zip(inputs, batches, step.activation_grads):
-                scalars.append(
-                    probe_scalars(
-                        cfg["zo.estimator"],
-                        lambda batch_inputs=batch_inputs: model.smash(batch_inputs)["z"],
-                        model.client,
-                        lam,
-                        seeds,
-                        mu,
-                        anchor=smashed["z"],
-                        distribution=cfg["zo.directions"],
-                    )
-                )
-                model.load_client_state(canonical)
-            entry = update_rule.entry(rnd, seeds, aggregate_scalars(scalars, sum(sizes), sum(sizes)), model.client_parameters())
-            ledger.append(entry)
-            apply_entry(model.client_parameters(), client_optimizer, entry)
-        if rnd % cfg["eval-every"] == 0 or rnd == cfg["num-server-rounds"]:
-            row["loss"], row["accuracy"] = evaluate_model(model, data.test, cfg["eval-batch-size"])
+    model_spec = ModelSpec.of(model, test.take(torch.arange(1)).inputs)
+    protocol = spec.server(model, model_spec, run, spec.settings.from_config(cfg), server, schedule, hooks)
+    clients = build_reference_nodes(cfg, num_partitions, client_class)
+    nodes = [NodeInfo(pid, pid, len(client.train)) for pid, client in clients.items()]
+    for node in nodes:
+        protocol.node_discovered(node, 0)
+    result = ReferenceResult(model, protocol, clients=clients)
+    for rnd in range(1, run.num_rounds + 1):
+        picked = schedule.sample([n.partition_id for n in nodes], run.clients_per_round)
+        link = InProcessLink(spec.name, clients, rnd)
+        row: dict[str, Any] = {"round": rnd, **protocol.run_round(rnd, [nodes[p] for p in picked], link)}
+        if rnd % cfg["eval-every"] == 0 or rnd == run.num_rounds:
+            row["loss"], row["accuracy"] = evaluate_model(model, test, cfg["eval-batch-size"])
         result.history.append(row)
+        if observe is not None:
+            observe(RoundTrace(rnd, model, row))
+    protocol.finish(nodes, InProcessLink(spec.name, clients, 0))
     return result

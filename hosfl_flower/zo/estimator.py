@@ -292,18 +292,22 @@ def estimate_gradient(
     return [zo_gradient(i, p, seeds, coefficients, distribution) for i, p in enumerate(params)]
 
 
-def aggregate_scalars(per_client: Sequence[Sequence[float]], kept_examples: int, total_examples: int) -> tuple[float, ...]:
-    """``v̄_p = Σ_n v_{n,p}``, rescaled by ``total / kept`` examples when some replies were dropped.
+def aggregate_scalars(per_client: Sequence[Sequence[float]], kept_weight: float, total_weight: float) -> tuple[float, ...]:
+    """``v̄_p = Σ_n v_{n,p}``, rescaled by ``total_weight / kept_weight`` when some replies were dropped.
 
-    Each client's ``v`` already carries its weight ``w_n`` through ``λ_n``; summing in the given order
-    keeps every party's result bit-identical.
+    Each client's ``v`` already carries its aggregation weight ``w_n`` through ``λ_n``, so the
+    rescaling uses the weights of the replies kept and of all replies whose ``λ_n`` was computed
+    (whatever the weights are, not only shares of examples); summing in the given order keeps every
+    party's result bit-identical.
     """
     if not per_client:
         raise ValueError("no client scalars to aggregate")
     count = len(per_client[0])
     if any(len(v) != count for v in per_client):
         raise ValueError("clients reported different numbers of scalars")
-    scale = total_examples / kept_examples
+    if kept_weight <= 0:
+        raise ValueError("the kept replies' weights must sum to a positive number")
+    scale = 1.0 if kept_weight == total_weight else total_weight / kept_weight
     sums = [0.0] * count
     for values in per_client:
         for p, value in enumerate(values):

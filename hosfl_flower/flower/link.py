@@ -1,0 +1,87 @@
+"""The :class:`~hosfl_flower.protocols.base.Link` over Flower's ``Grid``: typed requests become
+messages (with a ``config`` record carrying the round), replies are decoded and validated by their
+reply type, and every record is accounted in the category its message type declares."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from ..protocols.base import Check, Link, NodeInfo
+from ..protocols.messages import ModelSpec, Payload, ReplyError
+
+CONFIG_CATEGORIES = {"config": "other"}
+
+
+def error_text(reply: Message) -> str:
+    """The last line of an error reply's reason."""
+    reason = reply.error.reason.strip() if reply.error.reason else ""
+    return reason.splitlines()[-1] if reason else f"error code {reply.error.code}"
+
+
+def request_message(request: Payload, node_id: int, server_round: int, extra: Mapping[str, Any] | None = None) -> Message:
+    """The Flower message of a typed request, with a ``config`` record holding ``server-round``."""
+    content: RecordDict = request.to_record()
+    content["config"] = ConfigRecord({**dict(extra or {}), "server-round": int(server_round)})
+    return Message(content, dst_node_id=node_id, message_type=request.message_type, group_id=str(server_round))
+
+
+def server_round_of(content: RecordDict) -> int:
+    """The round a request message belongs to (0 when it carries none)."""
+    config = content.get("config")
+    value = config.get("server-round", 0) if isinstance(config, ConfigRecord) else 0
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+class GridLink(Link):
+    """A link that sends through ``grid`` and waits up to ``timeout`` seconds for the replies."""
+
+    def __init__(
+        self, name: str, grid: Grid, server_round: int, spec: ModelSpec | None, timeout: float,
+        train_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(name)
+        self.grid, self.server_round, self.spec, self.timeout = grid, server_round, spec, timeout
+        self.train_config = dict(train_config or {})
+
+    def exchange(self, requests: Sequence[tuple[NodeInfo, Payload]], check: Check | None = None) -> dict[NodeInfo, Any]:
+        if not requests:
+            return {}
+        messages = []
+        for node, request in requests:
+            message = request_message(request, node.node_id, self.server_round, self.train_config)
+            self.account.count(message, {**type(request).categories, **CONFIG_CATEGORIES})
+            messages.append(message)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        self.account.round_trips += 1
+        by_node: dict[int, Message] = {}
+        for reply in replies:
+            by_node.setdefault(reply.metadata.src_node_id, reply)
+        kept: dict[NodeInfo, Any] = {}
+        for node, request in requests:
+            reply = by_node.get(node.node_id)
+            if reply is None:
+                self.reject("no-reply", node)
+                continue
+            reply_type = type(request).reply_type
+            self.account.count(reply, reply_type.categories)
+            decoded = self.decode(reply, request, node)
+            if decoded is not None and self.keep(node, decoded, check):
+                kept[node] = decoded
+        return kept
+
+    def decode(self, reply: Message, request: Payload, node: NodeInfo) -> Any:
+        """The typed reply, or ``None`` after counting why it was rejected."""
+        if reply.has_error():
+            self.reject("error", node, error_text(reply))
+            return None
+        try:
+            return type(request).reply_type.from_record(reply.content, request, self.spec)
+        except ReplyError as error:
+            self.reject(error.reason, node, str(error))
+        except Exception as error:  # noqa: BLE001 - whatever a node sends, a bad reply is only rejected
+            self.reject("malformed", node, f"{type(error).__name__}: {error}")
+        return None

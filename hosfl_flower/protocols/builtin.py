@@ -1,0 +1,3 @@
+"""Imports the package's protocols, each of which registers itself."""
+
+from . import hosfl  # noqa: F401

@@ -1,0 +1,151 @@
+"""HO-SFL's messages: ``train.smash`` (catch-up down; ``z``, ``y`` and the node's version up),
+``train.probe`` (``λ``, seeds, ``μ``, estimator, directions down; ``P`` scalars up) and
+``query.sync`` (catch-up down; the node's version up). docs/protocols.md, "HO-SFL"."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+from ...records import tensors_to_record
+from ..messages import (
+    CatchUp, ModelSpec, Payload, Reply, ReplyError, SmashedBatch, require_record, require_scalars, require_tensors,
+    require_value,
+)
+
+
+@dataclass
+class SmashRequest(Payload):
+    """``train.smash``: bring ``θ_c`` up to date, then smash this round's batch."""
+
+    catch_up: CatchUp = field(default_factory=CatchUp)
+
+    message_type: ClassVar[str] = "train.smash"
+    categories: ClassVar[Mapping[str, str]] = CatchUp.categories
+
+    def to_record(self) -> RecordDict:
+        return RecordDict(self.catch_up.records())
+
+    @classmethod
+    def from_record(cls, content, request=None, spec=None) -> "SmashRequest":
+        return cls(CatchUp.read(content))
+
+
+@dataclass
+class VersionedReply(Reply):
+    """A reply that names the version of ``θ_c`` the node is at after catching up."""
+
+    fingerprint: str = ""
+    applied_round: int = 0
+
+    @staticmethod
+    def read_version(content: RecordDict) -> tuple[ConfigRecord, str, int]:
+        meta = require_record(content, "meta", ConfigRecord)
+        return meta, str(require_value(meta, "fingerprint", str)), int(require_value(meta, "applied-round", int))
+
+
+@dataclass
+class SmashReply(VersionedReply):
+    """``z = f_c(x)`` (and companions), the labels, and the node's version."""
+
+    batch: SmashedBatch | None = None
+
+    categories: ClassVar[Mapping[str, str]] = {"smashed": "activations_up", "labels": "labels_up", "meta": "other"}
+
+    @property
+    def num_examples(self) -> int:
+        return self.batch.num_examples if self.batch is not None else 0
+
+    def to_record(self) -> RecordDict:
+        meta = self.meta(fingerprint=self.fingerprint, **{"applied-round": self.applied_round, "num-examples": self.num_examples})
+        return RecordDict({**self.batch.records(), "meta": meta})
+
+    @classmethod
+    def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> "SmashReply":
+        meta, fp, applied = cls.read_version(content)
+        batch = SmashedBatch.read(content, spec)
+        if int(require_value(meta, "num-examples", int)) != batch.num_examples:
+            raise ReplyError("wrong-count", "num-examples disagrees with the labels")
+        return cls(fp, applied, batch, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+
+
+@dataclass
+class ProbeReply(Reply):
+    """``v_p`` for each of the round's seeds."""
+
+    scalars: list[float] = field(default_factory=list)
+
+    categories: ClassVar[Mapping[str, str]] = {"scalars": "scalars_up", "meta": "other"}
+    lie_field: ClassVar[str | None] = "scalars"
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"scalars": MetricRecord({"values": [float(v) for v in self.scalars]}), "meta": self.meta()})
+
+    @classmethod
+    def from_record(cls, content, request: "ProbeRequest | None" = None, spec=None) -> "ProbeReply":
+        scalars = require_record(content, "scalars", MetricRecord)
+        count = len(request.seeds) if request is not None else len(scalars.get("values", []))
+        meta = require_record(content, "meta", ConfigRecord)
+        return cls(require_scalars(scalars, "values", count), compute_seconds=float(meta.get("compute-seconds", 0.0)))
+
+
+@dataclass
+class ProbeRequest(Payload):
+    """``train.probe``: ``λ_n`` and how to probe (the server chooses, as it chooses the ledger entry's)."""
+
+    activation_grad: torch.Tensor
+    seeds: tuple[int, ...]
+    mu: float
+    estimator: str = "forward"
+    directions: str = "gaussian"
+
+    message_type: ClassVar[str] = "train.probe"
+    reply_type: ClassVar[type[Payload] | None] = ProbeReply
+    categories: ClassVar[Mapping[str, str]] = {"activation-grad": "activation_grads_down", "seeds": "seeds_and_ledger_down"}
+
+    def to_record(self) -> RecordDict:
+        seeds = ConfigRecord(
+            {"seeds": list(self.seeds), "mu": self.mu, "estimator": self.estimator, "directions": self.directions}
+        )
+        return RecordDict({"activation-grad": tensors_to_record({"z": self.activation_grad}), "seeds": seeds})
+
+    @classmethod
+    def from_record(cls, content, request=None, spec=None) -> "ProbeRequest":
+        seeds = require_record(content, "seeds", ConfigRecord)
+        lam = require_tensors(content, "activation-grad").get("z")
+        if lam is None:
+            raise ReplyError("malformed", "missing activation-grad.z")
+        return cls(
+            lam, tuple(int(s) for s in seeds["seeds"]), float(seeds["mu"]),
+            str(seeds.get("estimator", "forward")), str(seeds.get("directions", "gaussian")),
+        )
+
+
+@dataclass
+class SyncReply(VersionedReply):
+    """The node's version after a ``query.sync``."""
+
+    categories: ClassVar[Mapping[str, str]] = {"meta": "other"}
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({"meta": self.meta(fingerprint=self.fingerprint, **{"applied-round": self.applied_round})})
+
+    @classmethod
+    def from_record(cls, content, request=None, spec=None) -> "SyncReply":
+        meta, fp, applied = cls.read_version(content)
+        return cls(fp, applied, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+
+
+@dataclass
+class SyncRequest(SmashRequest):
+    """``query.sync``: catch up without training (the final synchronisation)."""
+
+    message_type: ClassVar[str] = "query.sync"
+    reply_type: ClassVar[type[Payload] | None] = SyncReply
+
+
+SmashRequest.reply_type = SmashReply

@@ -1,0 +1,117 @@
+"""HO-SFL's server part: one first-order server step per round, the clients' ``P`` scalars
+aggregated into a ledger entry (docs/protocols.md, "HO-SFL").
+
+Round ``t``: ``train.smash`` to the sampled nodes (each catches up first), one server step on their
+``z`` giving ``λ_n`` (held back until the probes arrive), ``train.probe`` (``λ_n`` and the round's
+seeds), then ``v̄`` becomes the round's ledger entry and updates the server's ``θ_c``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ...options import ConfigError
+from ...zo import aggregate_scalars, check_jvp, fingerprint, make_client_optimizer
+from ..base import Link, NodeInfo, ProtocolServer
+from .config import FrozenClientSettings, HOSFLSettings
+from .messages import ProbeRequest, SmashReply, SmashRequest
+from .sync import LedgerSync, ledger_from_rows
+
+
+class HOSFLServer(ProtocolServer[HOSFLSettings]):
+    """HO-SFL. ``self.sync`` holds the ledger, the server's client optimizer and each node's round."""
+
+    name = "hosfl"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.sync = LedgerSync(self.model.client_parameters(), self.model.client_state, self._client_optimizer())
+        self.update_rule = self.settings.update_rule(self.run.num_rounds)
+        self.partitions: dict[int, int] = {}
+        self._check_estimator()
+
+    @property
+    def ledger(self):
+        return self.sync.ledger
+
+    def _client_optimizer(self):
+        return make_client_optimizer(self.settings.client_optimizer, self.settings.client_weight_decay)
+
+    def _check_estimator(self) -> None:
+        """Fail at setup, with one line, if ``jvp`` cannot run through this client segment."""
+        if self.settings.estimator != "jvp" or not self.settings.num_perturbations:
+            return
+        inputs = dict(self.spec.example_inputs)
+        try:
+            check_jvp(lambda: self.model.smash(inputs)["z"], self.model.client)
+        except ValueError as error:
+            raise ConfigError("zo.estimator", "jvp", f"cannot be used with this model: {error}") from None
+
+    def node_discovered(self, node: NodeInfo, applied_round: int) -> None:
+        self.partitions[node.node_id] = node.partition_id
+        self.sync.node_discovered(node, applied_round)
+
+    def smash(self, nodes: Sequence[NodeInfo], link: Link) -> dict[NodeInfo, SmashReply]:
+        """``train.smash`` to ``nodes``: the replies of nodes at the server's version."""
+        expected = fingerprint(self.model.client_parameters())
+        requests = [(node, SmashRequest(self.sync.catch_up(node))) for node in nodes]
+        return link.exchange(requests, check=lambda node, reply: self.sync.check_version(node, reply, expected))
+
+    def run_round(self, server_round: int, nodes: Sequence[NodeInfo], link: Link) -> dict[str, Any]:
+        """``train.smash`` → server step (held back) → ``train.probe`` → ledger entry."""
+        seeds = self.schedule.seeds(self.settings.num_perturbations)
+        smashed = self.smash(nodes, link)
+        metrics: dict[str, Any] = {"sampled": len(nodes), "smash-replies": len(smashed), "server-steps": 0}
+        metrics["samples"] = sum(reply.num_examples for reply in smashed.values())
+        if not self.enough(smashed, "smash", metrics):
+            return metrics
+        kept = list(smashed)
+        weights = self.weights(server_round, [reply.num_examples for reply in smashed.values()])
+        batches = [(reply.batch.smashed, reply.batch.labels) for reply in smashed.values()]
+        step = self.split_server.step(batches, weights, apply=not seeds)
+        link.account.server_seconds += step.seconds
+        metrics["train-loss"] = step.loss
+        if seeds:
+            s = self.settings
+            requests = [
+                (node, ProbeRequest(lam, tuple(seeds), s.mu, s.estimator, s.directions))
+                for node, lam in zip(kept, step.activation_grads)
+            ]
+            probes = link.exchange(requests)
+            metrics["probe-replies"] = len(probes)
+            if not self.enough(probes, "probe", metrics):
+                self.split_server.discard_pending()
+                return metrics
+            self.split_server.apply_pending()
+            weight_of = dict(zip(kept, weights))
+            scalars = aggregate_scalars([r.scalars for r in probes.values()], sum(weight_of[n] for n in probes), sum(weights))
+            self.sync.append(self.update_rule.entry(server_round, seeds, scalars, self.model.client_parameters()))
+        metrics["server-steps"] = 1
+        return metrics
+
+    def finish(self, nodes: Sequence[NodeInfo], link: Link) -> dict[str, Any]:
+        """With ``final-sync``: bring every node up to date and check its fingerprint."""
+        return self.sync.final_sync(nodes, link) if self.settings.final_sync else {}
+
+    def state(self) -> dict[str, Any]:
+        return self.sync.state(self.partitions)
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        for key in ("ledger", "client-optimizer", "node-sync"):
+            if key not in state:
+                raise ValueError(f"lacks {key}")
+        try:
+            ledger_from_rows(state["ledger"])
+            self._client_optimizer().load_state_tensors(dict(state["client-optimizer"]))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"its ledger or client optimizer is invalid: {error}") from None
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.sync.load(state, self._client_optimizer())
+
+
+class FrozenClientServer(HOSFLServer):
+    """Ablation: HO-SFL with ``P = 0``. The server trains; the client segment keeps its initial weights."""
+
+    name = "frozen-client"
