@@ -5,17 +5,12 @@ hosfl_flower.memory --worker ...``), so cases never share allocator state. The w
 client as a node would (:func:`hosfl_flower.task.client_task`), runs the step once to warm up, then
 measures it ``repeats`` times and reports every sample; the parent takes the median.
 
-What a step is, per method (messages a node receives — ``λ``, weights — are allocated inside the step):
-
-- ``inference``: draw the minibatch and run ``model.smash(inputs)`` under ``torch.no_grad()``.
-- ``hosfl``: ``HOSFLClient.smash`` (with one ledger entry to replay, as a node sampled in consecutive
-  rounds gets) then ``HOSFLClient.probe`` with a random ``λ`` shaped like ``z`` and ``P`` seeds, with the
-  run config's ``zo.estimator`` and ``zo.directions`` (as ``hosfl-lean`` does).
-- ``heron-sfl``: one ``HOSFLClient.heron_train`` round of two zeroth-order steps.
-- ``splitfed``: ``splitfed_smash`` (receiving ``θ_c``) then ``splitfed_backward`` with a random ``λ``.
-- ``zo-sfl``: ``zo_smash`` (``z`` and ``P`` perturbed activations).
-- ``fedavg``: one ``fit`` of the whole model (receiving the whole model, one first-order step).
-- ``hosfl-lean``: see :data:`LEAN_METHOD`.
+What a step is: ``inference`` draws the minibatch and runs ``model.smash(inputs)`` under
+``torch.no_grad()``; a protocol's step is its ``memory_step`` (registered with the protocol), which
+calls the protocol's own client handlers on a fresh :class:`MemoryCase` — HO-SFL: ``train.smash``
+(with one ledger entry to replay, as a node sampled in consecutive rounds gets) then ``train.probe``
+with a random ``λ`` shaped like ``z`` and ``P`` seeds. Messages a node receives (``λ``, weights) are
+allocated inside the step.
 
 On CPU the peak is the resident set: the kernel's high-water mark is reset by writing ``5`` to
 ``/proc/self/clear_refs`` right before the step, and the step's peak is ``VmHWM`` after it minus
@@ -39,20 +34,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-METHODS = ("inference", "hosfl", "heron-sfl", "splitfed", "zo-sfl", "fedavg")
-"""Methods whose client step can be measured (each is a strategy's client work)."""
-
-LEAN_METHOD = "hosfl-lean"
-"""HO-SFL's client arithmetic with no node state at all: ``θ_c`` replayed in the model, the smashed
-batch kept as tensors, ``⟨λ, z⟩`` folded into one float64 scalar when ``λ`` arrives (so ``z`` is
-freed), each probe's ``z̃`` freed before the next forward. It is the floor of any client that must
-receive ``λ``; :class:`~hosfl_flower.client.HOSFLClient` does the same arithmetic and in addition keeps
-its weights and the smashed batch in Flower records of the node state."""
-
-ALL_METHODS = (*METHODS, LEAN_METHOD)
+DEFAULT_METHODS = ("inference", "hosfl", "heron-sfl", "splitfed-v2", "zo-sfl", "fedavg")
+"""The methods measured when none is named (``inference`` and a protocol per family)."""
 
 DEVICES = ("auto", "cpu", "cuda")
 HERON_STEPS = 2
@@ -88,8 +75,8 @@ def measure_client_peak(
     ``graph_forwards`` (client-segment module calls of one step that recorded an autograd graph: 0 for
     the forward-only methods) and the case's shapes (``batch_size``, ``z_numel``, ``client_params``).
     """
-    if method not in ALL_METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(ALL_METHODS)}")
+    if method not in all_methods():
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(all_methods())}")
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; allowed: {', '.join(DEVICES)}")
     if repeats < 1:
@@ -221,6 +208,43 @@ def _on_device(model: Any, device: Any) -> None:
     model.head = lambda smashed: head(to(smashed, device)).to("cpu")
 
 
+@dataclass
+class MemoryCase:
+    """What a node holds between messages, and what it receives in the measured step.
+
+    A protocol's ``memory_step(case)`` (its registration) returns the step as a closure; everything
+    the node receives or computes during the step is allocated inside it (``received_weights``,
+    ``activation_grad()`` are fresh copies).
+    """
+
+    cfg: Mapping[str, Any]
+    task: Any
+    train: Any
+    server_round: int
+    seeds: tuple[int, ...]
+    previous: Any
+    z_example: Any
+    lam: Any
+
+    def new_client(self) -> Any:
+        """The node's client, as the ClientApp builds it for a message (its state starts empty)."""
+        from .node.client import ClientSettings, HOSFLClient
+        from .node.store import WeightStore
+
+        return HOSFLClient(
+            self.task.model, self.train, ClientSettings.from_config(self.cfg, 0), self.task.initial_client_state,
+            store=WeightStore(None, memory_versions=1),
+        )
+
+    def received_weights(self) -> dict[str, Any]:
+        """A fresh copy of ``θ_c`` as a message would bring it."""
+        return {k: v.clone() for k, v in self.task.initial_client_state.items()}
+
+    def activation_grad(self) -> Any:
+        """A fresh ``λ`` shaped like ``z``."""
+        return self.lam.clone()
+
+
 def build_case(
     method: str, run_config: Mapping[str, Any], num_partitions: int = 1, device: str = "cpu"
 ) -> tuple[Callable[[], Any], dict[str, Any]]:
@@ -231,116 +255,55 @@ def build_case(
     """
     import torch
 
-    from .client import ClientSettings, HOSFLClient
     from .config import resolve_run_config
     from .data import sample_batch
-    from .models.aux_head import build_aux_head
+    from .protocols.registry import protocols
     from .schedule import RoundSchedule
     from .task import client_task
-    from .zo import SGD, LedgerEntry, dot64, needs_anchor, probe_scalars, replay
+    from .zo import LedgerEntry
 
-    if method not in ALL_METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(ALL_METHODS)}")
-    cfg = resolve_run_config(run_config)
+    methods = all_methods()
+    if method not in methods:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(methods)}")
+    cfg = resolve_run_config(run_config, {"strategy": method} if method != "inference" else {})
     torch.set_num_threads(cfg["torch-threads"])
     task = client_task(cfg, num_partitions)
-    model, initial = task.model, task.initial_client_state
-    model.load_client_state(initial)
+    model = task.model
+    model.load_client_state(task.initial_client_state)
     if device != "cpu":
         _on_device(model, torch.device(device))
     train = task.data.partition(0)
-    settings = ClientSettings.from_config(cfg, 0)
-    seed, batch_size, mu = cfg["seed"], cfg["batch-size"], cfg["zo.mu"]
-    estimator, directions = cfg["zo.estimator"], cfg["zo.directions"]
-    server_round = 2
-    schedule = RoundSchedule(seed)
+    server_round, schedule = 2, RoundSchedule(cfg["seed"])
     seeds = schedule.seeds(cfg["zo.num-perturbations"])
     previous = LedgerEntry(
-        server_round - 1, schedule.seeds(len(seeds)), tuple(1e-3 for _ in seeds), cfg["client.lr"], mu, directions
+        server_round - 1, schedule.seeds(len(seeds)), tuple(1e-3 for _ in seeds), cfg["client.lr"], cfg["zo.mu"], cfg["zo.directions"]
     )
+    batch = sample_batch(train, cfg["batch-size"], cfg["seed"], 0, server_round)
     with torch.no_grad():
-        z_example = model.smash(sample_batch(train, batch_size, seed, 0, server_round).inputs)["z"]
-    lam_received = torch.randn(z_example.shape, generator=torch.Generator().manual_seed(seed)) / z_example.numel()
+        z_example = model.smash(batch.inputs)["z"]
+    lam = torch.randn(z_example.shape, generator=torch.Generator().manual_seed(cfg["seed"])) / z_example.numel()
     info = {
         "batch_size": int(z_example.shape[0]),
         "z_numel": int(z_example.numel()),
         "client_params": int(sum(p.numel() for p in model.client_parameters())),
         "model_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
     }
-
-    def new_client() -> HOSFLClient:
-        return HOSFLClient(model, train, settings, initial)
-
-    def received_weights() -> dict[str, torch.Tensor]:
-        return {k: v.clone() for k, v in initial.items()}
-
     if method == "inference":
 
         def step() -> Any:
             with torch.no_grad():
-                batch = sample_batch(train, batch_size, seed, 0, server_round)
-                return model.smash(batch.inputs)
+                return model.smash(sample_batch(train, cfg["batch-size"], cfg["seed"], 0, server_round).inputs)
 
-    elif method == "hosfl":
+        return step, info
+    case = MemoryCase(cfg, task, train, server_round, tuple(seeds), previous, z_example, lam)
+    return protocols()[method].memory_step(case), info
 
-        def step() -> Any:
-            client = new_client()
-            reply = client.smash(server_round, [previous], 0)
-            del reply  # sent to the server before λ comes back
-            scalars, _ = client.probe(server_round, lam_received.clone(), seeds, mu, estimator, directions)
-            return scalars
 
-    elif method == "heron-sfl":
-        head = build_aux_head(cfg["heron.head"], z_example, model.num_classes, seed)
-        head_state = {k: v.clone() for k, v in head.state_dict().items()}
-        upload_every = min(cfg["heron.upload-every"], HERON_STEPS)
+def all_methods() -> tuple[str, ...]:
+    """``inference`` and every registered protocol with a memory step."""
+    from .protocols.registry import protocols
 
-        def step() -> Any:
-            client = new_client()
-            head.load_state_dict({k: v.clone() for k, v in head_state.items()})
-            kept, _ = client.heron_train(server_round, received_weights(), head, HERON_STEPS, upload_every, mu, cfg["heron.lr"])
-            return kept
-
-    elif method == "splitfed":
-        splitfed_lr = cfg["splitfed.lr"]
-
-        def step() -> Any:
-            client = new_client()
-            reply = client.splitfed_smash(server_round, 0, received_weights())
-            del reply
-            weights, _ = client.splitfed_backward(server_round, 0, lam_received.clone(), splitfed_lr)
-            return weights
-
-    elif method == "zo-sfl":
-
-        def step() -> Any:
-            return new_client().zo_smash(server_round, seeds, mu, [], 0)
-
-    elif method == LEAN_METHOD:
-        params = model.client_parameters()
-
-        def step() -> Any:
-            with torch.no_grad():
-                model.load_client_state(initial)
-                replay(params, SGD(), [previous])
-                inputs = sample_batch(train, batch_size, seed, 0, server_round).inputs
-                z = model.smash(inputs)["z"]  # sent; kept until λ arrives
-                lam = lam_received.clone()
-                anchor = dot64(lam, z) if needs_anchor(estimator) else None
-                del z
-                return probe_scalars(
-                    estimator, lambda: model.smash(inputs)["z"], model.client, lam, seeds, mu,
-                    anchor=anchor, distribution=directions,
-                )
-
-    else:  # fedavg
-        whole = [array.copy() for array in new_client().get_parameters({})]
-        fit_config = {"local-steps": 1, "lr": cfg["fedavg.lr"], "server-round": server_round}
-
-        def step() -> Any:
-            return new_client().fit([array.copy() for array in whole], fit_config)
-
-    return step, info
+    return ("inference", *(name for name, spec in protocols().items() if spec.memory_step is not None))
 
 
 def count_graph_forwards(model: Any, step: Callable[[], Any]) -> int:
@@ -414,7 +377,7 @@ def _mib(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m hosfl_flower.memory [--method M ...] [--run-config "k=v ..."] [--repeats N] [--json]``."""
     parser = argparse.ArgumentParser(prog="python -m hosfl_flower.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--method", action="append", choices=ALL_METHODS, help="repeatable (default: the six methods)")
+    parser.add_argument("--method", action="append", help="a registered protocol or inference; repeatable (default: the six methods)")
     parser.add_argument("--run-config", default="", help='run-config overrides, e.g. "batch-size=1024"')
     parser.add_argument("--repeats", type=int, default=3, help="measured steps per case (median reported)")
     parser.add_argument("--num-partitions", type=int, default=1, help="partitions of the training data (node 0 is measured)")
@@ -430,9 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_run_config_overrides(args.run_config) if args.run_config.strip() else {}
         results = measure_client_peaks(
-            args.method or METHODS, overrides, args.repeats, num_partitions=args.num_partitions, device=args.device
+            args.method or DEFAULT_METHODS, overrides, args.repeats, num_partitions=args.num_partitions, device=args.device
         )
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:
         print(f"hosfl_flower.memory: {error}", file=sys.stderr)
         return 2
     if args.json:

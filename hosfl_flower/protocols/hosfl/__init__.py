@@ -8,11 +8,13 @@ server, dimension-free aggregation; and its frozen-client ablation (``P = 0``).
 """
 
 from ..registry import register_protocol
-from .client import HANDLERS
+from .client import HANDLERS, memory_step
 from .config import FrozenClientSettings, HOSFLSettings
 from .server import FrozenClientServer, HOSFLServer
 
-register_protocol("hosfl", HOSFLServer, HOSFLSettings, HANDLERS, "HO-SFL: zeroth-order clients, first-order server")
+register_protocol(
+    "hosfl", HOSFLServer, HOSFLSettings, HANDLERS, "HO-SFL: zeroth-order clients, first-order server", memory_step=memory_step
+)
 register_protocol(
     "frozen-client", FrozenClientServer, FrozenClientSettings, HANDLERS, "ablation: HO-SFL with P = 0 (the client never trains)"
 )

@@ -8,7 +8,8 @@ import torch
 
 from ...node.client import HOSFLClient
 from ...zo import dot64, needs_anchor, probe_scalars
-from ..messages import SmashedBatch
+from ..messages import CatchUp, SmashedBatch
+from .config import HOSFLSettings
 from .messages import ProbeReply, ProbeRequest, SmashReply, SmashRequest, SyncReply, SyncRequest
 
 
@@ -61,3 +62,16 @@ def sync(client: HOSFLClient, request: SyncRequest, server_round: int) -> SyncRe
 
 
 HANDLERS = {SmashRequest: smash, ProbeRequest: probe, SyncRequest: sync}
+
+
+def memory_step(case):
+    """One round of a node for the memory benchmark: ``train.smash`` replaying one entry, then ``train.probe``."""
+    settings = HOSFLSettings.from_config(case.cfg)
+
+    def step():
+        client = case.new_client()
+        del smash(client, SmashRequest(CatchUp(0, [case.previous])), case.server_round)  # sent before λ returns
+        request = ProbeRequest(case.activation_grad(), case.seeds, settings.mu, settings.estimator, settings.directions)
+        return probe(client, request, case.server_round)
+
+    return step
