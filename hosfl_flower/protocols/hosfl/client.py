@@ -70,7 +70,8 @@ def memory_step(case):
 
     def step():
         client = case.new_client()
-        del smash(client, SmashRequest(CatchUp(0, [case.previous])), case.server_round)  # sent before λ returns
+        reply = smash(client, SmashRequest(CatchUp(0, [case.previous])), case.server_round)
+        del reply  # sent to the server before λ comes back
         request = ProbeRequest(case.activation_grad(), case.seeds, settings.mu, settings.estimator, settings.directions)
         return probe(client, request, case.server_round)
 
