@@ -16,28 +16,34 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIONS, ConfigError, parse_run_config_overrides
+from .config import ConfigError, all_options, parse_run_config_overrides
+
+
+def _import_app(app: str):
+    """The app's module (imported before the run config is parsed, so the protocols it registers
+    contribute their run-config keys) and, for an app directory, its ``[tool.flwr.app]`` table."""
+    path = Path(app)
+    if not path.is_dir():
+        return importlib.import_module(app), None
+    pyproject = tomllib.loads((path / "pyproject.toml").read_text())
+    flwr_app = pyproject.get("tool", {}).get("flwr", {}).get("app", {})
+    components = flwr_app.get("components", {})
+    if "serverapp" not in components or "clientapp" not in components:
+        raise SystemExit(f"flower-simulation: {path / 'pyproject.toml'} has no [tool.flwr.app.components]")
+    sys.path.insert(0, str(path.resolve()))
+    return importlib.import_module(components["serverapp"].partition(":")[0]), flwr_app
 
 
 def _load_app(app: str, overrides: dict[str, Any]):
-    path = Path(app)
-    if path.is_dir():
-        pyproject = tomllib.loads((path / "pyproject.toml").read_text())
-        flwr_app = pyproject.get("tool", {}).get("flwr", {}).get("app", {})
-        components = flwr_app.get("components", {})
-        if "serverapp" not in components or "clientapp" not in components:
-            raise SystemExit(f"flower-simulation: {path / 'pyproject.toml'} has no [tool.flwr.app.components]")
-        sys.path.insert(0, str(path.resolve()))
-        server_module, _, server_attr = components["serverapp"].partition(":")
-        client_module, _, client_attr = components["clientapp"].partition(":")
-        module = importlib.import_module(server_module)
+    module, flwr_app = _import_app(app)
+    if flwr_app is not None:
         if hasattr(module, "build_apps"):
-            defaults = flwr_app.get("config", {})
-            return module.build_apps({**_flatten(defaults), **overrides})
+            return module.build_apps({**_flatten(flwr_app.get("config", {})), **overrides})
         if overrides:
             raise SystemExit("flower-simulation: --run-config needs an app whose module defines build_apps(overrides)")
-        return getattr(module, server_attr), getattr(importlib.import_module(client_module), client_attr)
-    module = importlib.import_module(app)
+        components = flwr_app["components"]
+        client_module, _, client_attr = components["clientapp"].partition(":")
+        return getattr(module, components["serverapp"].partition(":")[2]), getattr(importlib.import_module(client_module), client_attr)
     if hasattr(module, "build_apps"):
         return module.build_apps(overrides)
     if overrides:
@@ -60,9 +66,10 @@ def _read_overrides(item: str) -> dict[str, Any]:
     """``key=value`` pairs, or the (flattened) tables of a ``.toml`` file of them."""
     if item.endswith(".toml") and Path(item).is_file():
         overrides = _flatten(tomllib.loads(Path(item).read_text()))
+        options = all_options()
         for key, value in overrides.items():
-            if key not in OPTIONS:
-                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(sorted(OPTIONS))}")
+            if key not in options:
+                raise ConfigError(key, value, f"unknown key; known keys: {', '.join(sorted(options))}")
         return overrides
     return parse_run_config_overrides(item)
 
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be >= 1")
     try:
+        _import_app(args.app)
         overrides: dict[str, Any] = {}
         for item in args.run_config:
             overrides.update(_read_overrides(item))

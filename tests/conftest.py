@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess running the package's scripts (see ``benchmarks/_common.py``)."""
     env = dict(os.environ)
     env.update(
         {
@@ -68,3 +71,29 @@ def simulate_file(tmp_path):
         return process, results
 
     return _run
+
+
+def load_results(results: Path):
+    """``(final-model.pt, rounds.jsonl rows, summary.json)`` of a run's results directory."""
+    final = torch.load(results / "final-model.pt")
+    rows = [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()]
+    summary = json.loads((results / "summary.json").read_text())
+    return final, rows, summary
+
+
+def assert_equal_to_reference(final, rows, num_partitions, **reference_kwargs):
+    """The run's final segments and per-round metrics equal the in-process reference loop's, bit for bit."""
+    from hosfl_flower.reference import run_reference
+
+    reference = run_reference(dict(final["config"]), num_partitions, **reference_kwargs)
+    for segment in ("client", "server"):
+        expected = getattr(reference.model, segment).state_dict()
+        assert final[segment].keys() == expected.keys()
+        for name, tensor in expected.items():
+            assert torch.equal(final[segment][name], tensor), f"{segment}.{name} differs from the reference loop"
+    by_round = {row["round"]: row for row in reference.history}
+    assert [row["round"] for row in rows] == sorted(by_round)
+    for row in rows:
+        for key in ("train-loss", "accuracy", "loss", "samples", "server-steps", "skipped"):
+            assert row.get(key) == by_round[row["round"]].get(key), (row["round"], key)
+    return reference

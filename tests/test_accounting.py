@@ -5,14 +5,17 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from hosfl_flower.accounting import RoundAccount, message_bytes, record_bytes
+from hosfl_flower.accounting import CATEGORIES, RoundAccount, message_bytes, record_bytes
 from hosfl_flower.config import resolve_run_config
+from hosfl_flower.flower.link import request_message
 from hosfl_flower.models import SplitCNN
+from hosfl_flower.protocols import NodeInfo
+from hosfl_flower.protocols.hosfl.messages import ProbeReply, ProbeRequest, SmashReply, SmashRequest
+from hosfl_flower.protocols.hosfl.sync import LedgerSync
+from hosfl_flower.protocols.registry import all_payloads
 from hosfl_flower.records import tensors_to_record
-from hosfl_flower.strategies import HOSFLStrategy, NodeInfo
-from hosfl_flower.strategies.hosfl import SmashedReply
-from hosfl_flower.task import server_model_and_test
-from hosfl_flower.zo import LedgerEntry
+from hosfl_flower.schedule import RoundSchedule
+from hosfl_flower.zo import LedgerEntry, make_client_optimizer
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +34,7 @@ def test_message_bytes_are_the_sum_of_record_count_bytes():
     expected = z.count_bytes() + labels.count_bytes() + meta.count_bytes() + scalars.count_bytes()
     assert message_bytes(message) == expected
     account = RoundAccount()
-    account.count(message, "up")
+    account.count(message, {**SmashReply.categories, **ProbeReply.categories})
     assert account.total_bytes == expected
     assert account.bytes["activations_up"] == z.count_bytes() and account.bytes["labels_up"] == labels.count_bytes()
     assert account.bytes["scalars_up"] == scalars.count_bytes() and account.bytes["other"] == meta.count_bytes()
@@ -43,22 +46,28 @@ def test_records_flower_cannot_count_are_still_counted():
 
 
 def _hosfl_aggregation_bytes(model: SplitCNN) -> int:
-    """Bytes one sampled node moves for aggregation in one HO-SFL round, built by the strategy itself:
-    the ledger entry it lacks and the round's seeds (down), its P scalars (up)."""
+    """Bytes one sampled node moves for aggregation in one HO-SFL round, built from HO-SFL's own
+    messages: the ledger entry it lacks and the round's seeds (down), its P scalars (up)."""
     config = resolve_run_config({"results-dir": ""})
-    _, test = server_model_and_test(config)
-    strategy = HOSFLStrategy(model, test, config)
-    seeds = strategy.schedule.seeds(config["zo.num-perturbations"])
-    strategy.ledger.append(LedgerEntry(1, seeds, tuple(0.5 for _ in seeds), 0.1, 1e-3))
+    seeds = RoundSchedule(0).seeds(config["zo.num-perturbations"])
+    sync = LedgerSync(model.client_parameters(), model.client_state, make_client_optimizer("sgd"))
+    sync.ledger.append(LedgerEntry(1, seeds, tuple(0.5 for _ in seeds), 0.1, 1e-3))
     node = NodeInfo(node_id=11, partition_id=0, num_examples=100)
     account = RoundAccount()
-    account.count(strategy.message(node, "train.smash", 2, strategy.catch_up_records(node)), "down")
-    strategy._round = {"seeds": seeds}
+    smash = SmashRequest(sync.catch_up(node))
+    account.count(request_message(smash, node.node_id, 2), SmashRequest.categories)
     z = model.smash({"x": torch.zeros(2, 1, 8, 8)})["z"]
-    reply = SmashedReply(node, {"z": z}, torch.zeros(2, dtype=torch.long), 0.0)
-    account.count(strategy.configure_probe(2, [reply], [torch.zeros_like(z)])[0], "down")
-    up = RecordDict({"scalars": MetricRecord({"values": [0.25] * len(seeds)})})
-    return account.bytes["seeds_and_ledger_down"] + sum(record_bytes(r) for r in up.values())
+    probe = ProbeRequest(torch.zeros_like(z), tuple(seeds), 1e-3)
+    account.count(request_message(probe, node.node_id, 2), ProbeRequest.categories)
+    reply = Message(ProbeReply([0.25] * len(seeds)).to_record(), dst_node_id=0, message_type="train.probe", group_id="2")
+    account.count(reply, ProbeReply.categories)
+    return account.bytes["seeds_and_ledger_down"] + account.bytes["scalars_up"]
+
+
+def test_every_record_of_every_registered_message_has_a_declared_category():
+    """The accounting table is derived from the message types: nothing a protocol sends falls into ``other`` unseen."""
+    for payload in all_payloads():
+        assert set(payload.categories.values()) <= set(CATEGORIES), payload.__name__
 
 
 def test_hosfl_aggregation_is_dimension_free_and_fedavg_is_not():

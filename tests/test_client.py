@@ -1,21 +1,42 @@
-"""HOSFLClient's node state: catch-up through the ledger, weight repair, probes tied to their smash."""
+"""The node (HOSFLClient and HO-SFL's handlers): catch-up through the ledger, weight repair, probes
+tied to their smash, and the weight store that keeps θ_c out of the message context."""
 
 import pytest
 import torch
 from flwr.app import RecordDict
 
-from hosfl_flower.client import ClientSettings, HOSFLClient, OutOfSyncError
 from hosfl_flower.data import load_federated_data
 from hosfl_flower.models import build_split_model
+from hosfl_flower.node.client import STATE_SYNC, ClientSettings, HOSFLClient, OutOfSyncError
+from hosfl_flower.node.store import WeightStore
+from hosfl_flower.protocols.hosfl import client as handlers
+from hosfl_flower.protocols.hosfl.messages import ProbeRequest, SmashRequest, SyncRequest
+from hosfl_flower.protocols.messages import CatchUp
 from hosfl_flower.zo import LedgerEntry, apply_entry, fingerprint, make_client_optimizer
 
+STORE = WeightStore(None)
 
-def make_client(state, partition=0):
-    model = build_split_model("cnn", 2, 10, seed=0)
-    initial = {k: v.clone() for k, v in model.client_state().items()}
+
+def make_client(state, partition=0, store=None, model=None):
+    model = model or build_split_model("cnn", 2, 10, seed=0)
+    initial = {k: v.clone() for k, v in build_split_model("cnn", 2, 10, seed=0).client_state().items()}
     data = load_federated_data("digits", 4, "iid", 0.3, 0, 0.2).partition(partition)
     settings = ClientSettings(seed=0, partition_id=partition, batch_size=8, optimizer="adamw")
-    return HOSFLClient(model, data, settings, initial, state)
+    return HOSFLClient(model, data, settings, initial, state, store or STORE, "test", partition)
+
+
+def smash(client, server_round, entries, from_round, replacement=None, replacement_round=0):
+    catch_up = CatchUp(from_round, list(entries), replacement, replacement_round)
+    return handlers.smash(client, SmashRequest(catch_up), server_round)
+
+
+def sync(client, entries, from_round, replacement=None, replacement_round=0):
+    reply = handlers.sync(client, SyncRequest(CatchUp(from_round, list(entries), replacement, replacement_round)), 0)
+    return reply.fingerprint, reply.applied_round
+
+
+def probe(client, server_round, lam, seeds, mu):
+    return handlers.probe(client, ProbeRequest(lam, tuple(seeds), mu), server_round).scalars
 
 
 def replica_after(entries):
@@ -32,10 +53,10 @@ ENTRIES = [LedgerEntry(t, (3 * t, 3 * t + 1), (0.01 * t, -0.02), 1e-3, 1e-3) for
 def test_late_node_catches_up_bit_for_bit():
     state = RecordDict()
     client = make_client(state)
-    client.smash(2, ENTRIES[:1], from_round=0)
+    smash(client, 2, ENTRIES[:1], from_round=0)
     assert client.applied_round == 1
     # rebuilt from the same context.state (as Flower does per message), it replays only what it lacks
-    result = make_client(state).smash(6, ENTRIES, from_round=1)
+    result = smash(make_client(state), 6, ENTRIES, from_round=1)
     replica, _ = replica_after(ENTRIES)
     assert result.applied_round == 5
     assert result.fingerprint == fingerprint(replica.client_parameters())
@@ -46,24 +67,23 @@ def test_late_node_catches_up_bit_for_bit():
 
 def test_entries_already_applied_are_skipped():
     state = RecordDict()
-    make_client(state).sync(ENTRIES[:3], from_round=0)
-    fp, applied = make_client(state).sync(ENTRIES, from_round=0)  # the server never saw the first reply
+    sync(make_client(state), ENTRIES[:3], from_round=0)
+    fp, applied = sync(make_client(state), ENTRIES, from_round=0)  # the server never saw the first reply
     assert applied == 5 and fp == fingerprint(replica_after(ENTRIES)[0].client_parameters())
 
 
 def test_node_older_than_the_server_thinks_is_repaired_by_weights():
     state = RecordDict()
-    client = make_client(state)
-    fp, applied = client.sync(ENTRIES[3:], from_round=3)  # state lost: it holds round 0 only
+    fp, applied = sync(make_client(state), ENTRIES[3:], from_round=3)  # state lost: it holds round 0 only
     replica, optimizer = replica_after(ENTRIES)
     assert applied == 0 and fp != fingerprint(replica.client_parameters())
     weights = dict(replica.client_state())
     weights.update({"optimizer." + k: v for k, v in optimizer.state_tensors().items()})
-    fp, applied = make_client(state).sync([], from_round=5, replacement=weights, replacement_round=5)
+    fp, applied = sync(make_client(state), [], from_round=5, replacement=weights, replacement_round=5)
     assert applied == 5 and fp == fingerprint(replica.client_parameters())
     # and it keeps following the ledger exactly afterwards (optimizer state came along)
     nxt = LedgerEntry(6, (99, 100), (0.3, 0.1), 1e-3, 1e-3)
-    fp, _ = make_client(state).sync([nxt], from_round=5)
+    fp, _ = sync(make_client(state), [nxt], from_round=5)
     apply_entry(replica.client_parameters(), optimizer, nxt)
     assert fp == fingerprint(replica.client_parameters())
 
@@ -72,18 +92,48 @@ def test_probe_needs_the_smash_of_its_round_and_leaves_theta_untouched():
     state = RecordDict()
     client = make_client(state)
     with pytest.raises(OutOfSyncError):
-        client.probe(1, torch.zeros(8, 16, 4, 4), [1, 2], 1e-3)
-    result = client.smash(1, [], from_round=0)
+        probe(client, 1, torch.zeros(8, 16, 4, 4), [1, 2], 1e-3)
+    result = smash(client, 1, [], from_round=0)
     with pytest.raises(OutOfSyncError):
-        make_client(state).probe(2, torch.zeros_like(result.smashed["z"]), [1, 2], 1e-3)
-    lam = torch.randn_like(result.smashed["z"])
-    scalars, _ = make_client(state).probe(1, lam, [1, 2, 3], 1e-3)
+        probe(make_client(state), 2, torch.zeros_like(result.batch.smashed["z"]), [1, 2], 1e-3)
+    lam = torch.randn_like(result.batch.smashed["z"])
+    scalars = probe(make_client(state), 1, lam, [1, 2, 3], 1e-3)
     assert len(scalars) == 3 and all(s != 0.0 for s in scalars)
-    assert make_client(state).sync([], from_round=0)[0] == result.fingerprint
+    assert sync(make_client(state), [], from_round=0)[0] == result.fingerprint
 
 
-# --------------------------------------------------------------------------- probe arithmetic and the weight cache
-from hosfl_flower.client import STATE_PROBE, STATE_WEIGHTS, WEIGHT_CACHE  # noqa: E402
+# --------------------------------------------------------------------------- the weight store
+def test_node_state_holds_only_the_version_not_the_weights(tmp_path):
+    store = WeightStore(tmp_path)
+    state = RecordDict()
+    sync(make_client(state, store=store), ENTRIES[:2], from_round=0)
+    assert set(state) == {STATE_SYNC}
+    assert dict(state[STATE_SYNC]) == {"applied-round": 2, "fingerprint": fingerprint(replica_after(ENTRIES[:2])[0].client_parameters())}
+    assert sum(len(array.data) for record in state.array_records.values() for array in record.values()) == 0
+    # another process (an empty memory cache) restores the version from the node's file
+    other = WeightStore(tmp_path)
+    fp, applied = sync(make_client(state, store=other), ENTRIES[:3], from_round=2)
+    assert (fp, applied) == (fingerprint(replica_after(ENTRIES[:3])[0].client_parameters()), 3)
+
+
+def test_a_tampered_or_missing_version_is_never_adopted(tmp_path):
+    store = WeightStore(tmp_path)
+    state = RecordDict()
+    sync(make_client(state, store=store), ENTRIES[:2], from_round=0)
+    path = next(tmp_path.rglob("node-*.pt"))
+    saved = torch.load(path, weights_only=True)
+    first = next(k for k in saved["tensors"] if not k.startswith("optimizer."))
+    saved["tensors"][first] = saved["tensors"][first] + 1.0  # the file no longer hashes to its fingerprint
+    torch.save(saved, path)
+    fresh = WeightStore(tmp_path)
+    fp, applied = sync(make_client(state, store=fresh), ENTRIES[2:3], from_round=2)
+    initial = build_split_model("cnn", 2, 10, seed=0)
+    assert applied == 0 and fp == fingerprint(initial.client_parameters())  # back to round 0: the server repairs it
+    path.unlink()
+    assert sync(make_client(RecordDict(dict(state)), store=WeightStore(tmp_path)), [], from_round=0)[1] == 0
+
+
+# --------------------------------------------------------------------------- probe arithmetic and shared models
 from hosfl_flower.zo import hybrid_probe_scalars, perturb_  # noqa: E402
 
 SEEDS, MU = [7, 8, 9], 1e-3
@@ -97,17 +147,13 @@ def direct_probe(entries, batch_inputs, lam):
     return hybrid_probe_scalars(lambda: replica.smash(batch_inputs)["z"], replica.client_parameters(), z, lam, SEEDS, MU)
 
 
-def one_round(state, lam_seed=0, between=lambda: None, model=None):
+def one_round(state, lam_seed=0, between=lambda: None, model=None, store=None):
     """Round 2 of a node that applied round 1: smash (replaying the entry), then probe."""
-    client = make_client(state)
-    if model is not None:
-        client.model = model
-    result = client.smash(2, ENTRIES[:1], from_round=0)
-    lam = torch.randn(result.smashed["z"].shape, generator=torch.Generator().manual_seed(lam_seed))
+    client = make_client(state, model=model, store=store)
+    result = smash(client, 2, ENTRIES[:1], from_round=0)
+    lam = torch.randn(result.batch.smashed["z"].shape, generator=torch.Generator().manual_seed(lam_seed))
     between()
-    prober = make_client(state)
-    prober.model = client.model
-    scalars, _ = prober.probe(2, lam, SEEDS, MU)
+    scalars = probe(make_client(state, model=client.model, store=store), 2, lam, SEEDS, MU)
     return result, lam, scalars, client
 
 
@@ -116,17 +162,14 @@ def test_probe_matches_the_engine_drops_the_batch_and_leaves_theta_bit_identical
     result, lam, scalars, client = one_round(state)
     batch = client.draw_batch(2)
     assert scalars == direct_probe(ENTRIES[:1], batch.inputs, lam)
-    assert STATE_PROBE not in state  # the kept batch does not outlive its probe
+    assert set(state) == {STATE_SYNC}  # the kept batch does not outlive its probe
     replica, _ = replica_after(ENTRIES[:1])
     assert result.fingerprint == fingerprint(replica.client_parameters())
-    # the node's θ_c is unchanged by the probe: bit for bit in the node state, and in the shared model
-    # once restored (perturbing and un-perturbing in place may leave last-bit noise in the model itself)
-    stored = {k: torch.from_numpy(v.numpy()) for k, v in state[STATE_WEIGHTS].items()}
+    stored = STORE.get("test", 0, (1, result.fingerprint))
     assert all(torch.equal(stored[k], v) for k, v in replica.client_state().items())
-    fp, applied = make_client(state).sync([], from_round=0)
+    fp, applied = sync(make_client(state), [], from_round=0)
     assert (fp, applied) == (result.fingerprint, 1)
-    restored = make_client(state)
-    restored.model = client.model
+    restored = make_client(state, model=client.model)
     restored.restore()
     assert all(torch.equal(a, b) for a, b in zip(client.model.client_parameters(), replica.client_parameters()))
 
@@ -137,19 +180,20 @@ def scramble(model):
             p.add_(1.0)
 
 
-def test_a_cache_miss_gives_the_same_answer():
+def test_a_cache_miss_gives_the_same_answer(tmp_path):
     """Whether the process still holds the node's weights, holds other weights, or has forgotten
     everything, the probe and the fingerprints are the same bits."""
-    baseline = one_round(RecordDict())
+    store = WeightStore(tmp_path)
+    baseline = one_round(RecordDict(), store=store)
     model = build_split_model("cnn", 2, 10, seed=0)
     variants = {
-        "cache cleared": lambda: WEIGHT_CACHE.clear(),
+        "cache cleared": lambda: store.clear(),
         "model changed in place": lambda: scramble(model),
-        "changed and cleared": lambda: (scramble(model), WEIGHT_CACHE.clear()),
+        "changed and cleared": lambda: (scramble(model), store.clear()),
         "other weights loaded": lambda: model.load_client_state(replica_after(ENTRIES[:4])[0].client_state()),
     }
     for name, between in variants.items():
-        result, _, scalars, _ = one_round(RecordDict(), between=between, model=model)
+        result, _, scalars, _ = one_round(RecordDict(), between=between, model=model, store=store)
         assert scalars == baseline[2], name
         assert result.fingerprint == baseline[0].fingerprint, name
 
@@ -159,32 +203,31 @@ def test_two_nodes_sharing_a_model_each_probe_their_own_weights():
     ClientApp process do: each probe uses that node's θ_c."""
     model = build_split_model("cnn", 2, 10, seed=0)
     a_state, b_state = RecordDict(), RecordDict()
-    a, b = make_client(a_state), make_client(b_state, partition=1)
-    a.model = b.model = model
-    a.sync(ENTRIES[:1], from_round=0)
-    ra = a.smash(3, ENTRIES[1:2], from_round=1)  # A at round 2
-    rb = b.smash(3, [], from_round=0)  # B stays at the initial weights
-    lam_a, lam_b = torch.randn_like(ra.smashed["z"]), torch.randn_like(rb.smashed["z"])
-    scalars_b, _ = b.probe(3, lam_b, SEEDS, MU)
-    scalars_a, _ = a.probe(3, lam_a, SEEDS, MU)
+    a, b = make_client(a_state, model=model), make_client(b_state, partition=1, model=model)
+    sync(a, ENTRIES[:1], from_round=0)
+    ra = smash(a, 3, ENTRIES[1:2], from_round=1)  # A at round 2
+    rb = smash(b, 3, [], from_round=0)  # B stays at the initial weights
+    lam_a, lam_b = torch.randn_like(ra.batch.smashed["z"]), torch.randn_like(rb.batch.smashed["z"])
+    scalars_b = probe(b, 3, lam_b, SEEDS, MU)
+    scalars_a = probe(a, 3, lam_a, SEEDS, MU)
     assert scalars_a == direct_probe(ENTRIES[:2], a.draw_batch(3).inputs, lam_a)
     assert scalars_b == direct_probe([], b.draw_batch(3).inputs, lam_b)
     assert ra.fingerprint == fingerprint(replica_after(ENTRIES[:2])[0].client_parameters())
 
 
-def test_weight_cache_notices_any_in_place_change():
+def test_the_store_notices_any_in_place_change_of_a_shared_model():
     model = build_split_model("cnn", 2, 10, seed=0)
     tag = (1, "x")
-    WEIGHT_CACHE.mark(model, tag)
-    assert WEIGHT_CACHE.holds(model, tag) and not WEIGHT_CACHE.holds(model, (1, "y"))
+    STORE.mark(model, tag)
+    assert STORE.holds(model, tag) and not STORE.holds(model, (1, "y"))
     perturb_(model.client_parameters(), 1, 1e-3)
     perturb_(model.client_parameters(), 1, -1e-3)
-    assert not WEIGHT_CACHE.holds(model, tag)
-    WEIGHT_CACHE.mark(model, tag)
+    assert not STORE.holds(model, tag)
+    STORE.mark(model, tag)
     model.load_client_state(model.client_state())
-    assert not WEIGHT_CACHE.holds(model, tag)
-    WEIGHT_CACHE.mark(model, None)
-    assert not WEIGHT_CACHE.holds(model, None)
+    assert not STORE.holds(model, tag)
+    STORE.mark(model, None)
+    assert not STORE.holds(model, None)
 
 
 def test_records_are_ordinary_flower_arrays():

@@ -7,14 +7,15 @@ import torch
 from flwr.app import RecordDict
 from torch import nn
 
-from hosfl_flower.client import ClientSettings, HOSFLClient
-from hosfl_flower.config import DIRECTIONS, ESTIMATORS as CONFIG_ESTIMATORS, ConfigError, resolve_run_config
+from hosfl_flower.config import ConfigError, all_options, resolve_run_config
+from hosfl_flower.flower.strategy import HOSFLStrategy
 from hosfl_flower.data import load_federated_data
 from hosfl_flower.models import build_split_model
 from hosfl_flower.records import ledger_to_record, record_to_ledger
 from hosfl_flower.reference import run_reference
-from hosfl_flower.strategies import HOSFLStrategy
-from hosfl_flower.strategies.hosfl import _ledger_from_state
+from hosfl_flower.protocols.hosfl import client as handlers
+from hosfl_flower.protocols.hosfl.messages import ProbeRequest
+from hosfl_flower.protocols.hosfl.sync import ledger_from_rows
 from hosfl_flower.task import server_model_and_test
 from hosfl_flower.zo import (
     DISTRIBUTIONS,
@@ -34,7 +35,8 @@ from hosfl_flower.zo import (
     transient_direction,
 )
 
-from .test_simulation import _assert_equal_to_reference, _load
+from .conftest import assert_equal_to_reference, load_results
+from .test_client import make_client, probe, smash
 
 
 def smooth_client(dtype=torch.float64):
@@ -55,7 +57,8 @@ def backprop_directional(module, forward, lam, seed, distribution="gaussian"):
 
 
 def test_estimator_names_agree_with_the_run_config():
-    assert ESTIMATORS == CONFIG_ESTIMATORS and DISTRIBUTIONS == DIRECTIONS
+    options = all_options()
+    assert options["zo.estimator"].choices == ESTIMATORS and options["zo.directions"].choices == DISTRIBUTIONS
 
 
 # --------------------------------------------------------------------------- jvp
@@ -141,7 +144,7 @@ def test_a_model_without_forward_mode_derivatives_fails_at_setup_with_one_line()
     with pytest.raises(ConfigError) as error:
         HOSFLStrategy(model, test, config)
     text = str(error.value)
-    assert "zo.estimator='jvp'" in text and "model 'cnn'" in text and "\n" not in text
+    assert "zo.estimator='jvp'" in text and "cannot be used with this model" in text and "\n" not in text
     HOSFLStrategy(model, test, {**config, "zo.estimator": "central"})  # only jvp needs the derivatives
 
 
@@ -283,28 +286,22 @@ def test_ledger_records_and_checkpoint_rows_keep_the_distribution():
     assert record_to_ledger(ledger_to_record(gaussian)) == gaussian
     assert record_to_ledger(ledger_to_record(mixed)) == mixed
     rows = [(1, [1, 2], [0.1, 0.2], 0.1, 1e-3), (2, [3], [0.3], 0.1, 1e-3, "rademacher")]  # an old row, a new one
-    assert list(_ledger_from_state(rows)) == mixed
+    assert list(ledger_from_rows(rows)) == mixed
 
 
 # --------------------------------------------------------------------------- the client's probe
-def make_client(state):
-    model = build_split_model("cnn", 2, 10, seed=0)
-    initial = {k: v.clone() for k, v in model.client_state().items()}
-    data = load_federated_data("digits", 4, "iid", 0.3, 0, 0.2).partition(0)
-    return HOSFLClient(model, data, ClientSettings(seed=0, partition_id=0, batch_size=8), initial, state)
-
-
 @pytest.mark.parametrize("estimator,distribution", [("central", "rademacher"), ("jvp", "gaussian"), ("jvp", "rademacher")])
 def test_client_probe_uses_the_estimator_and_directions_it_is_sent(estimator, distribution):
     entry = LedgerEntry(1, (21, 22), (0.01, -0.02), 1e-3, 1e-3, distribution)
     state = RecordDict()
     client = make_client(state)
-    result = client.smash(2, [entry], from_round=0)
-    lam = torch.randn(result.smashed["z"].shape, generator=torch.Generator().manual_seed(0)) / 100
-    scalars, _ = make_client(state).probe(2, lam, [5, 6, 7], 1e-3, estimator, distribution)
+    result = smash(client, 2, [entry], from_round=0)
+    lam = torch.randn(result.batch.smashed["z"].shape, generator=torch.Generator().manual_seed(0)) / 100
+    request = ProbeRequest(lam, (5, 6, 7), 1e-3, estimator, distribution)
+    scalars = handlers.probe(make_client(state), request, 2).scalars
 
     replica = build_split_model("cnn", 2, 10, seed=0)
-    apply_entry(replica.client_parameters(), make_client_optimizer("sgd"), entry)
+    apply_entry(replica.client_parameters(), make_client_optimizer("adamw"), entry)
     inputs = client.draw_batch(2).inputs
     expected = probe_scalars(estimator, lambda: replica.smash(inputs)["z"], replica.client, lam, [5, 6, 7], 1e-3,
                              distribution=distribution)
@@ -321,9 +318,9 @@ SIMULATED = "num-server-rounds=6 clients-per-round=3 eval-every=3 seed=3"
 @pytest.mark.parametrize("variant", ["zo.estimator='central' zo.directions='rademacher'", "zo.estimator='jvp'"])
 def test_flower_run_with_an_estimator_variant_is_bit_identical_to_the_reference(simulate, variant):
     _, results = simulate(f"{SIMULATED} {variant}", num_supernodes=10)
-    final, rows, summary = _load(results)
+    final, rows, summary = load_results(results)
     assert len(rows) == 6 and all(r["probe-replies"] == 3 for r in rows)
-    reference = _assert_equal_to_reference(final, rows, 10)
+    reference = assert_equal_to_reference(final, rows, 10)
     config = dict(final["config"])
     assert all(e.directions == config["zo.directions"] for e in reference.ledger) and len(reference.ledger) == 6
     assert summary["final"] == {"final-sync-nodes": 10, "final-sync-mismatches": 0, "ledger-entries": 6}

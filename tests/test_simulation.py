@@ -1,40 +1,17 @@
 """The Flower layer through real simulation runs: exactness against the reference loop, Ray placement."""
 
-import json
-
 import torch
 
 from hosfl_flower.reference import run_reference
 
-
-def _load(results):
-    final = torch.load(results / "final-model.pt")
-    rows = [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()]
-    summary = json.loads((results / "summary.json").read_text())
-    return final, rows, summary
-
-
-def _assert_equal_to_reference(final, rows, num_partitions):
-    config = dict(final["config"])
-    reference = run_reference(config, num_partitions)
-    for segment in ("client", "server"):
-        expected = getattr(reference.model, segment).state_dict()
-        assert final[segment].keys() == expected.keys()
-        for name, tensor in expected.items():
-            assert torch.equal(final[segment][name], tensor), f"{segment}.{name} differs from the reference loop"
-    by_round = {row["round"]: row for row in reference.history}
-    for row in rows:
-        assert row["train-loss"] == by_round[row["round"]]["train_loss"]
-        if "accuracy" in row:
-            assert row["accuracy"] == by_round[row["round"]]["accuracy"]
-    return reference
+from .conftest import assert_equal_to_reference, load_results
 
 
 def test_flower_run_is_bit_identical_to_the_reference_loop(simulate):
     process, results = simulate("num-server-rounds=24 clients-per-round=3 eval-every=6 seed=7", num_supernodes=10)
-    final, rows, summary = _load(results)
+    final, rows, summary = load_results(results)
     assert len(rows) == 24 and all(r["smash-replies"] == 3 and r["probe-replies"] == 3 for r in rows)
-    reference = _assert_equal_to_reference(final, rows, 10)
+    reference = assert_equal_to_reference(final, rows, 10)
     assert len(reference.ledger) == 24
     # the client segment really moved, so equality is not that of two untouched models
     initial = run_reference({**final["config"], "num-server-rounds": 1, "zo.num-perturbations": 0}, 10).model
@@ -53,17 +30,17 @@ def test_ray_placement_and_adamw_client_match_the_reference(simulate):
         "num-server-rounds=6 eval-every=3 split-server.placement='ray' client.optimizer='adamw' client.lr=0.001",
         num_supernodes=5,
     )
-    final, rows, summary = _load(results)
-    _assert_equal_to_reference(final, rows, 5)
+    final, rows, summary = load_results(results)
+    assert_equal_to_reference(final, rows, 5)
     assert summary["final"]["final-sync-mismatches"] == 0 and summary["final"]["final-sync-nodes"] == 5
 
 
 def test_frozen_client_moves_only_the_server_via_the_app_directory(simulate):
     _, results = simulate("num-server-rounds=4 zo.num-perturbations=0 eval-every=4", num_supernodes=4, app=".")
-    final, rows, summary = _load(results)
-    reference = _assert_equal_to_reference(final, rows, 4)
+    final, rows, summary = load_results(results)
+    reference = assert_equal_to_reference(final, rows, 4)
     assert len(reference.ledger) == 0 and all(r["round-trips"] == 1 for r in rows)
     initial = run_reference({**final["config"], "num-server-rounds": 1}, 4).model
-    assert all(torch.equal(final["client"][k], v) for k, v in reference.model.client.state_dict().items())
+    assert all(torch.equal(final["client"][k], v) for k, v in initial.client.state_dict().items())  # never trained
     assert summary["final"]["ledger-entries"] == 0
     assert not torch.equal(initial.server[-1].weight, final["server"][f"{len(initial.server) - 1}.weight"])

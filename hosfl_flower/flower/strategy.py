@@ -69,6 +69,7 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
         self.settings = self.spec.settings.from_config(self.cfg)
         self.schedule = RoundSchedule(self.cfg["seed"])
         self.model_spec = ModelSpec.of(model, test.take(torch.arange(1)).inputs)
+        self.spec.server.check_setup(model, self.model_spec, self.settings)
         self._split_server = split_server
         self._protocol: ProtocolServer | None = None
         self.nodes: dict[int, NodeInfo] = {}

@@ -125,6 +125,11 @@ class ProtocolServer(ABC, Generic[S]):
         self.split_server = split_server
         self.hooks = hooks or ServerHooks()
 
+    @classmethod
+    def check_setup(cls, model: SplitModel, spec: ModelSpec, settings: S) -> None:
+        """Fail with one line (:class:`~hosfl_flower.options.ConfigError`) if the protocol cannot run
+        on this model with these settings; called by the strategy when it is built."""
+
     @abstractmethod
     def run_round(self, server_round: int, nodes: Sequence[NodeInfo], link: Link) -> dict[str, Any]:
         """Run one round's exchanges with ``nodes`` and its updates; return the round's metrics

@@ -29,7 +29,7 @@ class HOSFLServer(ProtocolServer[HOSFLSettings]):
         self.sync = LedgerSync(self.model.client_parameters(), self.model.client_state, self._client_optimizer())
         self.update_rule = self.settings.update_rule(self.run.num_rounds)
         self.partitions: dict[int, int] = {}
-        self._check_estimator()
+        self.check_setup(self.model, self.spec, self.settings)
 
     @property
     def ledger(self):
@@ -38,13 +38,15 @@ class HOSFLServer(ProtocolServer[HOSFLSettings]):
     def _client_optimizer(self):
         return make_client_optimizer(self.settings.client_optimizer, self.settings.client_weight_decay)
 
-    def _check_estimator(self) -> None:
-        """Fail at setup, with one line, if ``jvp`` cannot run through this client segment."""
-        if self.settings.estimator != "jvp" or not self.settings.num_perturbations:
+    @classmethod
+    def check_setup(cls, model, spec, settings) -> None:
+        """``zo.estimator='jvp'`` needs a forward-mode derivative of every operation of ``f_c``: one
+        probe on one held-out example checks it (the model is left untouched)."""
+        if settings.estimator != "jvp" or not settings.num_perturbations:
             return
-        inputs = dict(self.spec.example_inputs)
+        inputs = dict(spec.example_inputs)
         try:
-            check_jvp(lambda: self.model.smash(inputs)["z"], self.model.client)
+            check_jvp(lambda: model.smash(inputs)["z"], model.client)
         except ValueError as error:
             raise ConfigError("zo.estimator", "jvp", f"cannot be used with this model: {error}") from None
 
