@@ -14,14 +14,7 @@ import torch
 from hosfl_flower.app import build_strategy
 from hosfl_flower.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
 
-from .conftest import BIN, ROOT, run_simulation_cli, subprocess_env
-
-
-def _results(results):
-    final = torch.load(results / "final-model.pt")
-    rows = [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()]
-    summary = json.loads((results / "summary.json").read_text())
-    return final, rows, summary
+from .conftest import BIN, ROOT, load_results, run_simulation_cli, subprocess_env
 
 
 def _all_finite(final):
@@ -36,7 +29,7 @@ def test_faulty_nodes_are_dropped_counted_and_never_corrupt_the_model(simulate):
         "faults.failure-rate=0.3 faults.nan-partition=1 faults.wrong-count-partition=2",
         num_supernodes=10,
     )
-    final, rows, summary = _results(results)
+    final, rows, summary = load_results(results)
     assert len(rows) == 30 and _all_finite(final)
     assert all(math.isfinite(row["loss"]) and math.isfinite(row.get("train-loss", 0.0)) for row in rows)
     rejected = {reason: sum(row.get(f"rejected.{reason}", 0) for row in rows) for reason in ("error", "non-finite", "wrong-count")}
@@ -119,8 +112,8 @@ def test_killed_run_resumes_bit_identical_to_the_uninterrupted_run(straight_run,
     )
     assert process.returncode == 0, process.stderr[-3000:]
     assert f"resumed from the checkpoint of round {killed_at}" in process.stdout + process.stderr
-    expected, expected_rows, expected_summary = _results(straight_run / "results")
-    final, rows, summary = _results(results)
+    expected, expected_rows, expected_summary = load_results(straight_run / "results")
+    final, rows, summary = load_results(results)
     for segment in ("client", "server"):
         assert final[segment].keys() == expected[segment].keys()
         for name, tensor in expected[segment].items():
@@ -150,15 +143,15 @@ def _refused_and_unchanged(strategy, match):
     with pytest.raises(CheckpointError, match=match):
         strategy.resume()
     assert all(torch.equal(v, before[k]) for k, v in strategy.model.state_dict().items())
-    assert len(strategy.ledger) == 0 and strategy.history == []
+    assert len(strategy.protocol.ledger) == 0 and strategy.history == []
 
 
 def test_a_good_checkpoint_loads_whole(saved_run):
     checkpoints, config = saved_run
     strategy = _strategy(config, checkpoints)
     assert strategy.resume() == 24
-    assert strategy.ledger.last_round == 24 and [row["round"] for row in strategy.history] == list(range(1, 25))
-    assert strategy.client_optimizer.state_tensors()["step"].item() == 24
+    assert strategy.protocol.ledger.last_round == 24 and [row["round"] for row in strategy.history] == list(range(1, 25))
+    assert strategy.protocol.sync.optimizer.state_tensors()["step"].item() == 24
     assert set(strategy.evaluations) == {0, *range(2, 25, 2)}
 
 

@@ -7,7 +7,7 @@ import torch
 
 from hosfl_flower.app import build_strategy
 from hosfl_flower.checkpoint import save_checkpoint
-from hosfl_flower.zo import LedgerEntry, apply_entry
+from hosfl_flower.zo import LedgerEntry
 
 FAULTS = "faults.failure-rate=0.3 faults.nan-partition=1 faults.wrong-count-partition=2"
 
@@ -43,19 +43,18 @@ def _touch(strategy):
     with torch.no_grad():
         for param in strategy.model.client_parameters():
             param.add_(0.01)
-    if hasattr(strategy, "ledger"):
-        entry = LedgerEntry(1, (11, 12), (0.5, -0.25), 0.001, 1e-3)
-        strategy.ledger.append(entry)
-        apply_entry(strategy.model.client_parameters(), strategy.client_optimizer, entry)
-    if hasattr(strategy, "aux_head"):
+    protocol = strategy.protocol
+    if hasattr(protocol, "sync"):
+        protocol.sync.append(LedgerEntry(1, (11, 12), (0.5, -0.25), 0.001, 1e-3))
+    if hasattr(protocol, "aux_head"):
         with torch.no_grad():
-            for param in strategy.aux_head.parameters():
+            for param in protocol.aux_head.parameters():
                 param.mul_(0.5)
     strategy.schedule.seeds(3)
     strategy.history = [{"round": 1, "loss": 1.5}]
 
 
-@pytest.mark.parametrize("name", ["hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl"])
+@pytest.mark.parametrize("name", ["hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg"])
 def test_checkpoint_round_trip_restores_every_part(name, tmp_path):
     config = {"strategy": name, "client.optimizer": "adamw", "results-dir": "", "checkpoint-dir": str(tmp_path)}
     source = build_strategy(config)
@@ -69,8 +68,10 @@ def test_checkpoint_round_trip_restores_every_part(name, tmp_path):
     assert all(torch.equal(saved["state"][0][k], loaded["state"][0][k]) for k in saved["state"][0])
     assert target.schedule.seeds(2) == source.schedule.seeds(2)
     assert target.history == source.history
-    if hasattr(source, "ledger"):
-        assert list(target.ledger) == list(source.ledger)
-        assert all(torch.equal(v, target.client_optimizer.state_tensors()[k]) for k, v in source.client_optimizer.state_tensors().items())
-    if hasattr(source, "aux_head"):
-        assert all(torch.equal(v, target.aux_head.state_dict()[k]) for k, v in source.aux_head.state_dict().items())
+    if hasattr(source.protocol, "sync"):
+        assert list(target.protocol.ledger) == list(source.protocol.ledger) and len(source.protocol.ledger) == 1
+        saved_opt, loaded_opt = source.protocol.sync.optimizer.state_tensors(), target.protocol.sync.optimizer.state_tensors()
+        assert saved_opt.keys() == loaded_opt.keys() and all(torch.equal(v, loaded_opt[k]) for k, v in saved_opt.items())
+    if hasattr(source.protocol, "aux_head"):
+        head = target.protocol.aux_head.state_dict()
+        assert all(torch.equal(v, head[k]) for k, v in source.protocol.aux_head.state_dict().items())
