@@ -14,16 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .config import STRATEGIES, resolve_run_config
+from .config import resolve_run_config
+from .protocols.registry import protocols
 from .round_cost import rounds_for_budget
 
 DEFAULT_STRATEGIES = ("hosfl", "heron-sfl", "splitfed-v2", "fedavg", "zo-sfl", "frozen-client")
 ROUND_LINE = re.compile(r"\[(?P<name>[\w-]+)\] round\s+(?P<round>\d+)/(?P<total>\d+)(?P<rest>.*)")
-MEMORY_METHOD = {
-    "hosfl": "hosfl", "frozen-client": "inference", "heron-sfl": "heron-sfl", "splitfed-v1": "splitfed",
-    "splitfed-v2": "splitfed", "zo-sfl": "zo-sfl", "fedavg": "fedavg",
-}
-"""What one client step of each strategy is, for the memory measurement."""
+
+
+def memory_method(strategy: str) -> str:
+    """What one client step of a strategy is, for the memory measurement: its protocol's
+    ``memory_step``, or plain inference (the frozen client) when it registers none."""
+    return strategy if protocols()[strategy].memory_step is not None else "inference"
 
 
 def run_strategy(
@@ -115,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     try:
-        unknown = [s for s in strategies if s not in STRATEGIES]
+        registered = protocols()
+        unknown = [s for s in strategies if s not in registered]
         if unknown or not strategies:
-            raise ValueError(f"--strategies {args.strategies!r}: must be among {', '.join(STRATEGIES)}")
+            raise ValueError(f"--strategies {args.strategies!r}: must be among {', '.join(registered)}")
         shared: dict[str, Any] = {}
         for item in args.run_config:
             shared.update(_read_overrides(item))
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_memory:
             from .memory import measure_client_peak
 
-            memory = int(measure_client_peak(MEMORY_METHOD[strategy], {**shared, "strategy": strategy})["bytes"])
+            memory = int(measure_client_peak(memory_method(strategy), {**shared, "strategy": strategy})["bytes"])
         results.append(StrategyResults(strategy, runs, memory))
     setup = {
         "model": config["model"], "cut-layer": config["cut-layer"], "dataset": config["dataset"],

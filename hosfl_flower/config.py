@@ -11,25 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .data import PARTITIONERS
+from .models import MODEL_FAMILIES
+from .models.base import TASKS
 from .options import ConfigError, Option
 from .protocols.base import RunSettings
-from .protocols.registry import protocol_options, protocols
+from .protocols.registry import get_protocol, protocol_options, protocols
+from .split_server import PLACEMENTS, SERVER_OPTIMIZERS
 
-VISION_MODELS = ("cnn", "resnet")
-TINY_TRANSFORMERS = (
-    "tiny-gpt2", "tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert", "tiny-roberta",
-)
-"""Named tiny Hugging Face configurations (3 blocks, built with ``from_config``: nothing is downloaded)."""
-DEFAULT_CUTS = {"cnn": 3}
-"""``cut-layer=0`` resolves to the model's entry here (2 for every other model). The CNN is cut after its
-third block: with two blocks on the client a frozen random client segment is within 0.03 of a trained
-one on the digits, so the comparison would say nothing about client training (docs/tuning.md)."""
-TASKS = ("classification", "causal-lm", "verbalizer")
-AUX_HEADS = ("linear", "mlp")
-DATASETS = ("digits", "sentiment")
-PARTITIONERS = ("iid", "dirichlet")
-OPTIMIZERS = ("sgd", "adamw")
-PLACEMENTS = ("local", "ray")
+DEFAULT_CUT = 2
+"""What ``cut-layer=0`` means for a transformer (a registered model family names its own)."""
 
 
 CORE_OPTIONS: dict[str, Option] = {
@@ -53,19 +44,10 @@ CORE_OPTIONS: dict[str, Option] = {
     "min-nodes": Option(0, "wait for this many nodes before round 1 (0: clients-per-round)", minimum=0),
     "eval-every": Option(1, "central evaluation every this many rounds", minimum=1),
     "eval-batch-size": Option(512, "batch size of central evaluation", minimum=1),
-    "server.optimizer": Option("adamw", "server optimizer", choices=OPTIMIZERS),
+    "server.optimizer": Option("adamw", "server optimizer", choices=SERVER_OPTIMIZERS),
     "server.lr": Option(0.02, "server learning rate", minimum=0.0),
     "server.momentum": Option(0.9, "server SGD momentum", minimum=0.0, maximum=1.0),
     "server.weight-decay": Option(0.0, "server weight decay", minimum=0.0),
-    "splitfed.local-steps": Option(1, "E: SplitFed steps per round (each: activations up, gradient down)", minimum=1),
-    "splitfed.lr": Option(0.05, "SGD learning rate of SplitFed's client segment", minimum=0.0),
-    "fedavg.local-steps": Option(5, "first-order local steps of the whole model per FedAvg round", minimum=1),
-    "fedavg.lr": Option(0.3, "SGD learning rate of FedAvg's local steps", minimum=0.0),
-    "zo-sfl.lr": Option(0.05, "learning rate of zo-sfl's zeroth-order steps on both segments", minimum=0.0),
-    "heron.local-steps": Option(4, "h: zeroth-order local steps per round on the auxiliary loss", minimum=1),
-    "heron.upload-every": Option(2, "k: upload a smashed batch every k local steps", minimum=1),
-    "heron.lr": Option(0.003, "learning rate of heron-sfl's client steps", minimum=0.0),
-    "heron.head": Option("linear", "auxiliary head on the client: linear or mlp", choices=AUX_HEADS),
     "split-server.placement": Option("local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS),
     "torch-threads": Option(1, "torch intra-op threads of the server and every client (results are bit-exact per setting)", minimum=1),
     "round-timeout": Option(600.0, "seconds to wait for replies in one exchange", minimum=0.0, exclusive_minimum=True),
@@ -112,8 +94,10 @@ def resolve_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
     if resolved["strategy"] not in registered:
         raise ConfigError("strategy", resolved["strategy"], f"must be one of {', '.join(registered)}")
     if resolved["cut-layer"] == 0:
-        resolved["cut-layer"] = DEFAULT_CUTS.get(resolved["model"], 2)
+        family = MODEL_FAMILIES.get(resolved["model"])
+        resolved["cut-layer"] = family.default_cut if family is not None else DEFAULT_CUT
     _check_cross_keys(resolved)
+    get_protocol(resolved["strategy"]).settings.from_config(resolved)  # the protocol's own checks across keys
     return resolved
 
 
@@ -121,20 +105,19 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
     model, dataset = config["model"], config["dataset"]
     if not model:
         raise ConfigError("model", model, "must name a model")
-    if model in VISION_MODELS:
-        if not 1 <= config["cut-layer"] <= 4:
-            raise ConfigError("cut-layer", config["cut-layer"], f"must be within the {model}'s blocks 1..4")
-        if dataset != "digits":
-            raise ConfigError("dataset", dataset, f"the {model} model needs dataset=digits")
-        if config["task"] != "classification":
-            raise ConfigError("task", config["task"], f"the {model} model does classification only")
+    family = MODEL_FAMILIES.get(model)
+    if family is not None:
+        if not 1 <= config["cut-layer"] <= family.num_blocks:
+            raise ConfigError("cut-layer", config["cut-layer"], f"must be within the {model}'s blocks 1..{family.num_blocks}")
+        if family.datasets is not None and dataset not in family.datasets:
+            raise ConfigError("dataset", dataset, f"the {model} model needs dataset={' or '.join(family.datasets)}")
+        if config["task"] not in family.tasks:
+            raise ConfigError("task", config["task"], f"the {model} model does {', '.join(family.tasks)} only")
     else:
         if dataset == "digits":
             raise ConfigError("dataset", dataset, f"transformer {model} needs a text dataset (sentiment or a Hugging Face one)")
-        if model.startswith("tiny-") and model not in TINY_TRANSFORMERS:
-            raise ConfigError("model", model, f"unknown tiny transformer; allowed: {', '.join(TINY_TRANSFORMERS)}")
-        if model in TINY_TRANSFORMERS and not 1 <= config["cut-layer"] <= 2:
-            raise ConfigError("cut-layer", config["cut-layer"], f"must be within {model}'s blocks 1..2")
+        if model.startswith("tiny-"):
+            _check_tiny(model, config["cut-layer"])
         if model.startswith("pretrained-"):
             from .pretrain import PRETRAINED_MODELS
 
@@ -145,22 +128,26 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
                 raise ConfigError("cut-layer", config["cut-layer"], f"must be within {model}'s blocks 1..{blocks - 1}")
         if config["task"] == "verbalizer" and dataset != "sentiment" and not config["data.label-words"]:
             raise ConfigError("data.label-words", "", "task=verbalizer needs one label word per class")
-    if config["heron.upload-every"] > config["heron.local-steps"]:
-        raise ConfigError(
-            "heron.upload-every", config["heron.upload-every"], f"must be <= heron.local-steps ({config['heron.local-steps']})"
-        )
     if config["min-replies"] > config["clients-per-round"]:
         raise ConfigError(
             "min-replies", config["min-replies"], f"must be <= clients-per-round ({config['clients-per-round']})"
         )
     if config["checkpoint-every"] or config["resume"]:
         key = "resume" if config["resume"] else "checkpoint-every"
-        if config["strategy"] == "fedavg":
-            raise ConfigError(key, config[key], "checkpoints are not supported by strategy fedavg (Flower's own FedAvg loop)")
         if not config["checkpoint-dir"]:
             raise ConfigError("checkpoint-dir", "", f"{key} needs a checkpoint directory")
     if config["min-nodes"] and config["min-nodes"] < config["clients-per-round"]:
         raise ConfigError("min-nodes", config["min-nodes"], f"must be 0 or >= clients-per-round ({config['clients-per-round']})")
+
+
+def _check_tiny(model: str, cut_layer: int) -> None:
+    from .models.hf.configs import TINY_CONFIGS  # transformers is imported only for transformer runs
+
+    if model not in TINY_CONFIGS:
+        raise ConfigError("model", model, f"unknown tiny transformer; allowed: {', '.join(sorted(TINY_CONFIGS))}")
+    blocks = TINY_CONFIGS[model]().num_hidden_layers
+    if not 1 <= cut_layer < blocks:
+        raise ConfigError("cut-layer", cut_layer, f"must be within {model}'s blocks 1..{blocks - 1}")
 
 
 def parse_run_config_overrides(text: str) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """What one round of each protocol costs in work, from the run config: the training examples the
-clients process and the optimizer steps the server takes.
+clients process and the optimizer steps the server takes (each protocol's
+:meth:`~hosfl_flower.protocols.base.ProtocolServer.planned_cost`).
 
 These are the planned numbers (``hosfl compare --budget-samples`` sizes its runs with them); the
 strategies record the measured ones as ``samples`` and ``server-steps`` in ``rounds.jsonl``.
@@ -11,22 +12,20 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-LOCAL_STEPS_KEY: dict[str, str | None] = {
-    "hosfl": None,
-    "frozen-client": None,
-    "zo-sfl": None,
-    "splitfed-v1": "splitfed.local-steps",
-    "splitfed-v2": "splitfed.local-steps",
-    "heron-sfl": "heron.local-steps",
-    "fedavg": "fedavg.local-steps",
-}
-"""Strategy → the run-config key holding its client minibatches per round (``None``: one)."""
+from .config import resolve_run_config
+from .protocols.base import RunSettings
+from .protocols.registry import get_protocol
+
+
+def _planned(strategy: str, config: Mapping[str, Any]) -> tuple[int, int]:
+    resolved = resolve_run_config(config, {"strategy": strategy})
+    spec = get_protocol(strategy)
+    return spec.server.planned_cost(spec.settings.from_config(resolved), RunSettings.from_config(resolved))
 
 
 def local_steps(strategy: str, config: Mapping[str, Any]) -> int:
     """Minibatches each sampled client processes in one round."""
-    key = LOCAL_STEPS_KEY[strategy]
-    return 1 if key is None else int(config[key])
+    return _planned(strategy, config)[0]
 
 
 def samples_per_round(strategy: str, config: Mapping[str, Any]) -> int:
@@ -35,25 +34,8 @@ def samples_per_round(strategy: str, config: Mapping[str, Any]) -> int:
 
 
 def server_steps_per_round(strategy: str, config: Mapping[str, Any]) -> int:
-    """Server optimizer steps per round.
-
-    HO-SFL and frozen-client: one step on the round's smashed batches; ZO-SFL: one zeroth-order step
-    (none with no directions); SplitFed V2: one per client per local step on the one server model;
-    SplitFed V1: one per server copy (one copy per client) per local step; HERON-SFL: one per
-    uploaded batch (every ``heron.upload-every``-th of ``heron.local-steps``); FedAvg: none.
-    """
-    clients = int(config["clients-per-round"])
-    if strategy in ("hosfl", "frozen-client"):
-        return 1
-    if strategy == "zo-sfl":
-        return 1 if int(config["zo.num-perturbations"]) > 0 else 0
-    if strategy in ("splitfed-v1", "splitfed-v2"):
-        return clients * int(config["splitfed.local-steps"])
-    if strategy == "heron-sfl":
-        return clients * (int(config["heron.local-steps"]) // int(config["heron.upload-every"]))
-    if strategy == "fedavg":
-        return 0
-    raise KeyError(strategy)
+    """Server optimizer steps per round (see each protocol's ``planned_cost``)."""
+    return _planned(strategy, config)[1]
 
 
 def rounds_for_budget(strategy: str, config: Mapping[str, Any], budget_samples: int) -> int:

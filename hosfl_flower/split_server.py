@@ -6,11 +6,17 @@ import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
 from .models import SplitModel
-from .zo import LedgerEntry, SGD, apply_entry, perturb_
+from .zo import SGD, LedgerEntry, apply_entry, perturb_
+
+
+SERVER_OPTIMIZERS = ("sgd", "adamw")
+PLACEMENTS = ("local", "ray")
+"""Where the split server runs: in the ServerApp's process, or as a Ray actor."""
 
 
 def make_server_optimizer(
@@ -54,7 +60,7 @@ class SplitServer:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.model = model
-        self.settings = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        self.settings: dict[str, Any] = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
         self.optimizer = make_server_optimizer(optimizer, model.server_parameters(), lr, momentum, weight_decay)
 
     def step(
@@ -151,7 +157,7 @@ class SplitServer:
         self.model.server.load_state_dict(state["weights"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
-    def copies(self, count: int) -> list["SplitServer"]:
+    def copies(self, count: int) -> list[SplitServer]:
         """``count`` independent copies of ``θ_s`` and its optimizer (SplitFed V1's per-client servers)."""
         state = self.state()
         result = []
@@ -199,15 +205,13 @@ class RaySplitServer:
         deadline = time.monotonic() + wait_seconds
         while not ray.is_initialized():
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    "split-server.placement='ray' needs Flower's simulation engine (Ray was not initialised)"
-                )
+                raise RuntimeError("split-server.placement='ray' needs Flower's simulation engine (Ray was not initialised)")
             time.sleep(0.05)
         actor_class = ray.remote(num_cpus=0)(SplitServer)
         self._ray = ray
         optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())  # as the ServerApp's (torch-threads)
         self._template, self._kwargs = model, dict(optimizer_kwargs)
-        self._actor = actor_class.remote(model, **optimizer_kwargs)
+        self._actor: Any = actor_class.remote(model, **optimizer_kwargs)  # a Ray actor handle
         self._pool: list[RaySplitServer] = []
 
     def step(self, batches, weights, apply: bool = True) -> StepResult:
@@ -234,7 +238,7 @@ class RaySplitServer:
     def load_state(self, state: Mapping) -> None:
         self._ray.get(self._actor.load_state.remote(state))
 
-    def copies(self, count: int) -> list["RaySplitServer"]:
+    def copies(self, count: int) -> list[RaySplitServer]:
         """``count`` copies, each its own Ray actor, so SplitFed V1 steps them in parallel.
 
         The actors are pooled: a later call reuses them (loading the current state) instead of
@@ -265,8 +269,9 @@ def step_each(
 ) -> list[StepResult]:
     """Step server ``i`` on batch ``i`` (weight 1): in parallel when they are Ray actors."""
     if servers and all(isinstance(s, RaySplitServer) for s in servers):
-        refs = [server.step_async([batch], [1.0]) for server, batch in zip(servers, batches)]
-        return servers[0]._ray.get(refs)
+        actors = cast(Sequence[RaySplitServer], servers)
+        refs = [server.step_async([batch], [1.0]) for server, batch in zip(actors, batches)]
+        return actors[0]._ray.get(refs)
     return [server.step([batch], [1.0]) for server, batch in zip(servers, batches)]
 
 

@@ -18,7 +18,7 @@ class AuxHead(nn.Module):
             raise ValueError(f"unknown auxiliary head {kind!r}; allowed: {', '.join(AUX_HEADS)}")
         self.pool_tokens = pool_tokens
         if kind == "linear":
-            self.net = nn.Linear(in_features, num_classes)
+            self.net: nn.Module = nn.Linear(in_features, num_classes)
         else:
             self.net = nn.Sequential(nn.Linear(in_features, 64), nn.ReLU(), nn.Linear(64, num_classes))
 

@@ -11,6 +11,9 @@ from torch import nn
 
 from ..zo.directions import trainable_names, trainable_parameters
 
+TASKS = ("classification", "causal-lm", "verbalizer")
+"""What a split model can be trained for (vision families: classification only)."""
+
 Inputs = Mapping[str, torch.Tensor]
 """A batch of model inputs by name (``{"x": images}``, or ``input_ids`` and ``attention_mask``)."""
 

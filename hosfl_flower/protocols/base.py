@@ -126,6 +126,13 @@ class ProtocolServer(ABC, Generic[S]):
         self.hooks = hooks or ServerHooks()
 
     @classmethod
+    def planned_cost(cls, settings: S, run: RunSettings) -> tuple[int, int]:
+        """``(minibatches each sampled client processes, server optimizer steps)`` of one round, from
+        the settings alone (``hosfl compare --budget-samples`` sizes its runs with them; the rounds
+        record the measured ``samples`` and ``server-steps``). Default: one of each."""
+        return 1, 1
+
+    @classmethod
     def check_setup(cls, model: SplitModel, spec: ModelSpec, settings: S) -> None:
         """Fail with one line (:class:`~hosfl_flower.options.ConfigError`) if the protocol cannot run
         on this model with these settings; called by the strategy when it is built."""

@@ -67,7 +67,8 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, task: str) -> PreTrai
         raise ValueError(f"no default LoRA targets for {model_type!r}; name them in the LoRA settings")
     config = LoraConfig(
         r=lora.rank,
-        lora_alpha=lora.alpha,
+        # peft annotates lora_alpha as int; it only scales by alpha / r, so a float is fine
+        lora_alpha=lora.alpha,  # type: ignore[arg-type]
         lora_dropout=0.0,
         target_modules=list(targets),
         fan_in_fan_out=model_type == "gpt2",  # GPT-2 stores its projections as Conv1D (in, out)
@@ -96,9 +97,7 @@ def load_library_model(name_or_path: str, task: str, num_classes: int) -> PreTra
 
 
 @lru_cache(maxsize=4)
-def _template(
-    name_or_path: str, task: str, num_classes: int, seed: int, lora: LoraSettings | None
-) -> PreTrainedModel:
+def _template(name_or_path: str, task: str, num_classes: int, seed: int, lora: LoraSettings | None) -> PreTrainedModel:
     """The cached model every :func:`library_model` call copies (never handed out itself)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -146,9 +145,7 @@ def build_hf_split_model(
     ``verbalizer`` needs ``verbalizer_ids`` (one token id per class, ``num_classes`` of them).
     """
     if task == "verbalizer" and len(verbalizer_ids or ()) != num_classes:
-        raise ValueError(
-            f"a verbalizer task with {num_classes} classes needs {num_classes} verbalizer ids, got {verbalizer_ids}"
-        )
+        raise ValueError(f"a verbalizer task with {num_classes} classes needs {num_classes} verbalizer ids, got {verbalizer_ids}")
     unsplit = library_model(name_or_path, task, num_classes, seed, lora)
     model = split_library_model(unsplit, cut_layer, task, verbalizer_ids)
     if lora is not None and not trainable_parameters(model.client):

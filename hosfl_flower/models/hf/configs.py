@@ -8,6 +8,7 @@ split is deterministic. Input and output embeddings are untied (the split gives 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from transformers import (
     BertConfig,
@@ -25,8 +26,8 @@ TINY_VOCAB_SIZE = 128
 """Vocabulary size of every tiny configuration."""
 
 _MAX_POSITIONS = 64
-_SPECIAL = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 2, "tie_word_embeddings": False}
-_LLAMA_LIKE = {
+_SPECIAL: dict[str, Any] = {"pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 2, "tie_word_embeddings": False}
+_LLAMA_LIKE: dict[str, Any] = {
     "vocab_size": TINY_VOCAB_SIZE,
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -36,7 +37,7 @@ _LLAMA_LIKE = {
     "max_position_embeddings": _MAX_POSITIONS,
     **_SPECIAL,
 }
-_BERT_LIKE = {
+_BERT_LIKE: dict[str, Any] = {
     "vocab_size": TINY_VOCAB_SIZE,
     "hidden_size": 32,
     "intermediate_size": 64,
@@ -50,14 +51,32 @@ _BERT_LIKE = {
 
 TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-gpt2": lambda: GPT2Config(
-        vocab_size=TINY_VOCAB_SIZE, n_embd=32, n_layer=3, n_head=4, n_inner=64, n_positions=_MAX_POSITIONS,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, summary_first_dropout=0.0, **_SPECIAL,
+        vocab_size=TINY_VOCAB_SIZE,
+        n_embd=32,
+        n_layer=3,
+        n_head=4,
+        n_inner=64,
+        n_positions=_MAX_POSITIONS,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        summary_first_dropout=0.0,
+        **_SPECIAL,
     ),
     # word_embed_proj_dim != hidden_size exercises OPT's project_in / project_out.
     "tiny-opt": lambda: OPTConfig(
-        vocab_size=TINY_VOCAB_SIZE, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=3,
-        num_attention_heads=4, max_position_embeddings=_MAX_POSITIONS, dropout=0.0, attention_dropout=0.0,
-        layerdrop=0.0, do_layer_norm_before=True, **_SPECIAL,
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=32,
+        word_embed_proj_dim=16,
+        ffn_dim=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=_MAX_POSITIONS,
+        dropout=0.0,
+        attention_dropout=0.0,
+        layerdrop=0.0,
+        do_layer_norm_before=True,
+        **_SPECIAL,
     ),
     "tiny-llama": lambda: LlamaConfig(**_LLAMA_LIKE),
     # Layer 0 full attention, layers 1-2 sliding-window attention (window 4).

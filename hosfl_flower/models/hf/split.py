@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -22,11 +23,10 @@ from transformers.masking_utils import (
     create_sliding_window_causal_mask,
 )
 
-from ..base import Inputs, Smashed, SplitModel
+from ..base import TASKS, Inputs, Smashed, SplitModel
 
 Modules = dict[str, nn.Module]
 
-TASKS = ("classification", "causal-lm", "verbalizer")
 """``classification``: sequence classification; ``causal-lm``: next-token prediction;
 ``verbalizer``: next-token logits of the verbalizer tokens at the last non-padding position."""
 
@@ -61,6 +61,10 @@ class HFSplitModel(SplitModel):
 
     supported_tasks: tuple[str, ...] = TASKS
     library_model: PreTrainedModel
+    # ``nn.ModuleDict`` segments whose modules the family code reaches by attribute; torch types
+    # ``Module.__getattr__`` as ``Tensor | Module``, so the segments are typed ``Any`` here.
+    client: Any
+    server: Any
 
     def __init__(
         self, library_model: PreTrainedModel, cut_layer: int, task: str, verbalizer_ids: Sequence[int] | None = None
@@ -83,16 +87,14 @@ class HFSplitModel(SplitModel):
         ids = None
         if task == "classification":
             server.update(self._classifier_modules(library_model))
-            self.num_classes = config.num_labels
+            self.num_classes = cast(int, config.num_labels)
         else:
             server["lm_head"] = _untied_lm_head(library_model)
             self.num_classes = config.get_text_config().vocab_size
         if task == "verbalizer":
             ids = torch.as_tensor(list(verbalizer_ids or ()), dtype=torch.long)
             if ids.numel() < 2 or int(ids.min()) < 0 or int(ids.max()) >= self.num_classes:
-                raise ValueError(
-                    f"verbalizer needs at least two token ids in 0..{self.num_classes - 1}, got {ids.tolist()}"
-                )
+                raise ValueError(f"verbalizer needs at least two token ids in 0..{self.num_classes - 1}, got {ids.tolist()}")
             self.num_classes = int(ids.numel())
         self.verbalizer_ids: torch.Tensor | None
         self.register_buffer("verbalizer_ids", ids, persistent=False)
@@ -111,7 +113,7 @@ class HFSplitModel(SplitModel):
 
     def _classifier_modules(self, model: PreTrainedModel) -> Modules:
         """The server modules of the sequence-classification head."""
-        return {"score": model.score}
+        return {"score": cast(nn.Module, model.score)}
 
     @abstractmethod
     def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -150,8 +152,9 @@ def _untied_lm_head(model: PreTrainedModel) -> nn.Module:
     """The LM head; a trainable head tied to the input embedding gets its own weight (the server's)."""
     lm_head = model.get_output_embeddings()
     embeddings = model.get_input_embeddings()
-    if lm_head.weight is embeddings.weight and lm_head.weight.requires_grad:
-        lm_head.weight = nn.Parameter(lm_head.weight.detach().clone())
+    weight = cast(nn.Parameter, lm_head.weight)
+    if weight is embeddings.weight and weight.requires_grad:
+        lm_head.weight = nn.Parameter(weight.detach().clone())
         model.config.tie_word_embeddings = False
     return lm_head
 
@@ -167,10 +170,11 @@ class GPT2Split(HFSplitModel):
 
     @staticmethod
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
-        return model.transformer.h
+        transformer: Any = model.transformer
+        return transformer.h
 
     def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
-        base = model.transformer
+        base: Any = model.transformer
         client = {"wte": base.wte, "wpe": base.wpe, "drop": base.drop, "h": nn.ModuleList(base.h[:cut_layer])}
         return client, {"h": nn.ModuleList(base.h[cut_layer:]), "ln_f": base.ln_f}
 
@@ -178,13 +182,14 @@ class GPT2Split(HFSplitModel):
         self, blocks: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
         mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None,
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            past_key_values=None,
             position_ids=position_ids,
         )
         for block in blocks:
-            hidden = block(
-                hidden, None, mask, None, encoder_attention_mask=None, use_cache=False, position_ids=position_ids
-            )
+            hidden = block(hidden, None, mask, None, encoder_attention_mask=None, use_cache=False, position_ids=position_ids)
         return hidden
 
     def smash(self, inputs: Inputs) -> Smashed:
@@ -230,13 +235,9 @@ class OPTSplit(HFSplitModel):
     def _run_layers(
         self, layers: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
     ) -> torch.Tensor:
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None
-        )
+        mask = create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=None)
         for layer in layers:
-            hidden = layer(
-                hidden, attention_mask=mask, position_ids=position_ids, past_key_values=None, use_cache=False
-            )
+            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=None, use_cache=False)
         return hidden
 
     def smash(self, inputs: Inputs) -> Smashed:
@@ -293,19 +294,31 @@ class LlamaLayoutSplit(HFSplitModel):
         return client, server
 
     def _run_layers(
-        self, layers: nn.ModuleList, kinds: list[str], hidden: torch.Tensor, attention_mask: torch.Tensor,
-        position_ids: torch.Tensor, rotary_emb: nn.Module,
+        self,
+        layers: nn.ModuleList,
+        kinds: list[str],
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        rotary_emb: nn.Module,
     ) -> torch.Tensor:
-        mask_kwargs = {
-            "config": self.config, "inputs_embeds": hidden, "attention_mask": attention_mask,
-            "past_key_values": None, "position_ids": position_ids,
+        mask_kwargs: dict[str, Any] = {
+            "config": self.config,
+            "inputs_embeds": hidden,
+            "attention_mask": attention_mask,
+            "past_key_values": None,
+            "position_ids": position_ids,
         }
         masks = {kind: _MASK_BUILDERS[kind](**mask_kwargs) for kind in sorted(set(kinds))}
         position_embeddings = rotary_emb(hidden, position_ids=position_ids)
         for layer, kind in zip(layers, kinds):
             hidden = layer(
-                hidden, attention_mask=masks[kind], position_embeddings=position_embeddings,
-                position_ids=position_ids, past_key_values=None, use_cache=False,
+                hidden,
+                attention_mask=masks[kind],
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                past_key_values=None,
+                use_cache=False,
             )
         return hidden
 
@@ -313,15 +326,23 @@ class LlamaLayoutSplit(HFSplitModel):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
         z = self._run_layers(
-            self.client.layers, self.attention_types[: self.cut_layer], self.client.embed_tokens(input_ids),
-            attention_mask, position_ids, self.client.rotary_emb,
+            self.client.layers,
+            self.attention_types[: self.cut_layer],
+            self.client.embed_tokens(input_ids),
+            attention_mask,
+            position_ids,
+            self.client.rotary_emb,
         )
         return {"z": z, **_decoder_companions(attention_mask, position_ids)}
 
     def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         hidden = self._run_layers(
-            self.server.layers, self.attention_types[self.cut_layer :], smashed["z"], smashed["attention_mask"],
-            smashed["position_ids"], self.server.rotary_emb,
+            self.server.layers,
+            self.attention_types[self.cut_layer :],
+            smashed["z"],
+            smashed["attention_mask"],
+            smashed["position_ids"],
+            self.server.rotary_emb,
         )
         return self.server.norm(hidden)
 
@@ -343,17 +364,19 @@ class BertLayoutSplit(HFSplitModel):
 
     @staticmethod
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
-        return model.base_model.encoder.layer
+        base: Any = model.base_model
+        return base.encoder.layer
 
     def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
-        base = model.base_model
+        base: Any = model.base_model
         client = {"embeddings": base.embeddings, "layer": nn.ModuleList(base.encoder.layer[:cut_layer])}
         return client, {"layer": nn.ModuleList(base.encoder.layer[cut_layer:])}
 
     def _classifier_modules(self, model: PreTrainedModel) -> Modules:
-        if model.base_model.pooler is not None:
-            return {"pooler": model.base_model.pooler, "dropout": model.dropout, "classifier": model.classifier}
-        return {"classifier": model.classifier}
+        heads: Any = model  # BERT/RoBERTa task models: their head modules are reached by attribute
+        if heads.base_model.pooler is not None:
+            return {"pooler": heads.base_model.pooler, "dropout": heads.dropout, "classifier": heads.classifier}
+        return {"classifier": heads.classifier}
 
     def _run_layers(self, layers: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
