@@ -9,10 +9,10 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no download/loading bars in the tables
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -115,9 +115,18 @@ def save_local_llama(directory: Path, hidden: int, intermediate: int) -> Path:
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=128, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
-        bos_token_id=2, eos_token_id=2, tie_word_embeddings=False, num_labels=2,
+        vocab_size=128,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        num_labels=2,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -172,8 +181,14 @@ def run_flower_simulation(
     import subprocess
 
     command = [
-        str(BIN / "flower-simulation"), "--app", "hosfl_flower.app", "--num-supernodes", str(num_supernodes),
-        "--run-config", run_config, *extra_args,
+        str(BIN / "flower-simulation"),
+        "--app",
+        "hosfl_flower.app",
+        "--num-supernodes",
+        str(num_supernodes),
+        "--run-config",
+        run_config,
+        *extra_args,
     ]
     log = tempfile.TemporaryFile(mode="w+")
     started = time.perf_counter()
@@ -202,5 +217,10 @@ def run_flower_simulation(
     log.seek(0)
     output = log.read()
     log.close()
-    return {"returncode": process.returncode, "output": output, "seconds": time.perf_counter() - started,
-            "peak_rss": peak, "last_rss": rss}
+    return {
+        "returncode": process.returncode,
+        "output": output,
+        "seconds": time.perf_counter() - started,
+        "peak_rss": peak,
+        "last_rss": rss,
+    }

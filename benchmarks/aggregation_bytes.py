@@ -94,24 +94,47 @@ def main() -> None:
         results = {name: measure(config) for name, config in cases}
     print(f"aggregation bytes per sampled client and round ({machine()})\n")
     rows = [
-        (name, r["d_c"], r["model"], r["P"], r["hosfl"], r["ledger_entry"], r["splitfed"], r["fedavg"],
-         r["hosfl"] / r["splitfed"], r["hosfl"] / r["fedavg"])
+        (
+            name,
+            r["d_c"],
+            r["model"],
+            r["P"],
+            r["hosfl"],
+            r["ledger_entry"],
+            r["splitfed"],
+            r["fedavg"],
+            r["hosfl"] / r["splitfed"],
+            r["hosfl"] / r["fedavg"],
+        )
         for name, r in results.items()
     ]
-    headers = ("client segment", "d_c", "whole model", "P", "HO-SFL B", "1 ledger entry B", "SplitFed B", "FedAvg B",
-               "HO-SFL/SplitFed", "HO-SFL/FedAvg")
+    headers = (
+        "client segment",
+        "d_c",
+        "whole model",
+        "P",
+        "HO-SFL B",
+        "1 ledger entry B",
+        "SplitFed B",
+        "FedAvg B",
+        "HO-SFL/SplitFed",
+        "HO-SFL/FedAvg",
+    )
     print(table(headers, rows))
     print("\nHO-SFL B = P scalars up + seeds and one ledger entry down; a node that missed M rounds gets M entries")
-    print("(or the weights once, when those cost more). HO-SFL's 'sync' record (other) adds "
-          f"{next(iter(results.values()))['hosfl_other']} B.")
+    print(
+        "(or the weights once, when those cost more). HO-SFL's 'sync' record (other) adds "
+        f"{next(iter(results.values()))['hosfl_other']} B."
+    )
     print(f"({time.perf_counter() - started:.0f} s)")
     pairs = [("cnn cut2", "llama h80 full"), ("tiny-llama full", "llama h256 full")]
     for small, large in pairs:
         if small in results and large in results:
-            s, l = results[small], results[large]
-            scale = l["d_c"] / s["d_c"]
-            print(ratio_line(f"hosfl bytes at {scale:.0f}x d_c / at d_c [{large} vs {small}]", l["hosfl"] / s["hosfl"]))
-            print(ratio_line(f"splitfed bytes at {scale:.0f}x d_c / at d_c [{large} vs {small}]", l["splitfed"] / s["splitfed"]))
+            lo, hi = results[small], results[large]
+            scale = hi["d_c"] / lo["d_c"]
+            at = f"at {scale:.0f}x d_c / at d_c [{large} vs {small}]"
+            print(ratio_line(f"hosfl bytes {at}", hi["hosfl"] / lo["hosfl"]))
+            print(ratio_line(f"splitfed bytes {at}", hi["splitfed"] / lo["splitfed"]))
     for name, r in results.items():
         print(ratio_line(f"hosfl/splitfed bytes [{name}, d_c {r['d_c']:,}]", r["hosfl"] / r["splitfed"]))
         print(ratio_line(f"hosfl/fedavg bytes [{name}, d_c {r['d_c']:,}]", r["hosfl"] / r["fedavg"]))

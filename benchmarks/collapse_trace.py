@@ -37,7 +37,9 @@ def main() -> None:
     parser.add_argument("--num-partitions", type=int, default=10)
     args = parser.parse_args()
     config = {
-        **parse_run_config_overrides(args.run_config), "num-server-rounds": args.rounds, "eval-every": args.eval_every,
+        **parse_run_config_overrides(args.run_config),
+        "num-server-rounds": args.rounds,
+        "eval-every": args.eval_every,
     }
     rows: list[dict] = []
     weights: list[list] = []
@@ -49,10 +51,14 @@ def main() -> None:
             param.grad = None
         surrogate = sum((trace.model.smash(x)["z"] * lam).sum() for x, lam in zip(trace.inputs, trace.step.activation_grads))
         surrogate.backward()  # the backprop client gradient J_cᵀλ, for comparison only
-        rows.append({
-            "loss": trace.step.loss, "lambda": _norm(trace.step.activation_grads), "z": _norm(trace.smashed),
-            "grad": _norm(p.grad for p in params),
-        })
+        rows.append(
+            {
+                "loss": trace.step.loss,
+                "lambda": _norm(trace.step.activation_grads),
+                "z": _norm(trace.smashed),
+                "grad": _norm(p.grad for p in params),
+            }
+        )
         for param in params:
             param.grad = None
 

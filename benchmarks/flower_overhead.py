@@ -20,7 +20,14 @@ import time
 from pathlib import Path
 
 from _common import (
-    local_llamas, machine, parse_args, ratio_line, run_config_text, run_flower_simulation, set_threads, table,
+    local_llamas,
+    machine,
+    parse_args,
+    ratio_line,
+    run_config_text,
+    run_flower_simulation,
+    set_threads,
+    table,
 )
 
 TARGET = 1.5
@@ -29,8 +36,12 @@ NODES = 3
 
 def overrides(model: str, rounds: int) -> dict:
     return {
-        "model": model, "dataset": "sentiment", "num-server-rounds": rounds, "clients-per-round": NODES,
-        "eval-every": 100_000, "final-sync": False,
+        "model": model,
+        "dataset": "sentiment",
+        "num-server-rounds": rounds,
+        "clients-per-round": NODES,
+        "eval-every": 100_000,
+        "final-sync": False,
     }
 
 
@@ -93,8 +104,10 @@ def main() -> None:
         rows.append((name, median, f"{wall:.0f}", median / reference_median))
         lines.append(ratio_line(f"flower round/reference round [{name}]", median / reference_median, TARGET))
     print(f"HO-SFL round wall time, Flower simulation vs reference loop ({machine()}, 1 torch thread)")
-    print(f"client segment d_c = {d_c:,}; {NODES} nodes, {NODES} per round, P = 5, batch 32; "
-          f"rounds {warmup + 1}..{rounds - 1} of {rounds}\n")
+    print(
+        f"client segment d_c = {d_c:,}; {NODES} nodes, {NODES} per round, P = 5, batch 32; "
+        f"rounds {warmup + 1}..{rounds - 1} of {rounds}\n"
+    )
     print(table(("run", "round s (median)", "process wall s", "/ reference"), rows))
     print(f"({time.perf_counter() - started:.0f} s)")
     print("\n".join(lines))

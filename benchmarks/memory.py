@@ -37,8 +37,7 @@ def main() -> None:
     jobs = [(name, config, method, repeats) for name, config, methods, repeats, _ in cases for method in methods]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {
-            (name, method): pool.submit(measure_client_peak, method, config, repeats)
-            for name, config, method, repeats in jobs
+            (name, method): pool.submit(measure_client_peak, method, config, repeats) for name, config, method, repeats in jobs
         }
         results = {key: future.result() for key, future in futures.items()}
     print(f"client peak memory of one step ({machine()}; backend {next(iter(results.values()))['backend']})\n")
@@ -49,8 +48,14 @@ def main() -> None:
         first = by_method["inference"]
         print(f"{name}: batch {first['batch_size']}, z {first['z_numel']:,} floats, d_c {first['client_params']:,}")
         rows = [
-            (m, f"{mib(r['bytes']):.2f}", r["bytes"] / inference, r["bytes"] / splitfed, r["graph_forwards"],
-             ", ".join(f"{mib(s):.2f}" for s in r["samples"]))
+            (
+                m,
+                f"{mib(r['bytes']):.2f}",
+                r["bytes"] / inference,
+                r["bytes"] / splitfed,
+                r["graph_forwards"],
+                ", ".join(f"{mib(s):.2f}" for s in r["samples"]),
+            )
             for m, r in by_method.items()
         ]
         print(table(("method", "peak MiB", "/ inference", "/ splitfed", "graph calls", "samples MiB"), rows), "\n")

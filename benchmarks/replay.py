@@ -75,7 +75,12 @@ def measure(config: dict, budget: float) -> dict:
             p.copy_(value)
     medians = {k: statistics.median(v) for k, v in times.items()}
     return {
-        **medians, "d_c": d_c, "tensors": len(params), "entries": count, "P": num_probes, "floats": floats,
+        **medians,
+        "d_c": d_c,
+        "tensors": len(params),
+        "entries": count,
+        "P": num_probes,
+        "floats": floats,
         "repeats": len(times["replay"]),
     }
 
@@ -95,9 +100,9 @@ def main() -> None:
             r = measure(config, 1.5 if args.quick else 5.0)
             replay_rate, randn_rate = r["floats"] / r["replay"], r["floats"] / r["randn"]
             ratio = replay_rate / randn_rate
-            rows.append((
-                name, r["d_c"], r["tensors"], r["entries"], r["P"], replay_rate / 1e6, randn_rate / 1e6, ratio, r["repeats"]
-            ))
+            rows.append(
+                (name, r["d_c"], r["tensors"], r["entries"], r["P"], replay_rate / 1e6, randn_rate / 1e6, ratio, r["repeats"])
+            )
             lines.append(ratio_line(f"replay/randn [{name}, d_c {r['d_c']:,}]", ratio, TARGET, above=True))
     print(f"seed replay throughput ({machine()}, 1 torch thread)\n")
     headers = ("client segment", "d_c", "tensors", "entries N", "P", "replay M param·dir/s", "randn M floats/s", "ratio", "reps")

@@ -23,8 +23,13 @@ PER_ROUND, ROUNDS = 10, 20
 def run(nodes: int, rounds: int) -> dict:
     """One HO-SFL simulation with ``nodes`` nodes; its rounds, wall time and the process's memory."""
     with tempfile.TemporaryDirectory(prefix="hosfl-bench-results-") as results:
-        config = {"clients-per-round": PER_ROUND, "num-server-rounds": rounds, "final-sync": False, "eval-every": 5,
-                  "results-dir": results}
+        config = {
+            "clients-per-round": PER_ROUND,
+            "num-server-rounds": rounds,
+            "final-sync": False,
+            "eval-every": 5,
+            "results-dir": results,
+        }
         outcome = run_flower_simulation(nodes, run_config_text(config), timeout=1200)
         path = Path(results) / "rounds.jsonl"
         rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
@@ -43,10 +48,17 @@ def main() -> None:
     for nodes, r in results.items():
         last = r["rows"][-1] if r["rows"] else {}
         round_seconds = sorted(row["seconds"] for row in r["rows"])
-        rows.append((
-            nodes, len(r["rows"]), f"{last.get('accuracy', float('nan')):.3f}", round_seconds[len(round_seconds) // 2],
-            r["seconds"], mib(r["peak_rss"]), mib(r["last_rss"]),
-        ))
+        rows.append(
+            (
+                nodes,
+                len(r["rows"]),
+                f"{last.get('accuracy', float('nan')):.3f}",
+                round_seconds[len(round_seconds) // 2],
+                r["seconds"],
+                mib(r["peak_rss"]),
+                mib(r["last_rss"]),
+            )
+        )
     print(table(("nodes", "rounds done", "final acc", "round s (median)", "wall s", "peak RSS MiB", "last RSS MiB"), rows))
     small, large = (results[n] for n in sizes)
     per_node = (large["peak_rss"] - small["peak_rss"]) / (sizes[1] - sizes[0])

@@ -108,12 +108,26 @@ def main() -> None:
         r = measure(config, budget)
         forwards = (r["P"] + 1) * r["forward"]
         ratio = r["step"] / forwards
-        rows.append((
-            name, r["batch_size"], r["client_params"], r["P"], r["forward"] * 1e3, r["step"] * 1e3, forwards * 1e3,
-            ratio, r["perturb"] * 1e3, r["catch-up"] * 1e3, r["repeats"],
-        ))
+        rows.append(
+            (
+                name,
+                r["batch_size"],
+                r["client_params"],
+                r["P"],
+                r["forward"] * 1e3,
+                r["step"] * 1e3,
+                forwards * 1e3,
+                ratio,
+                r["perturb"] * 1e3,
+                r["catch-up"] * 1e3,
+                r["repeats"],
+            )
+        )
         lines.append(ratio_line(f"hosfl step/((P+1) forward) [{name}]", ratio, TARGET))
-    print(f"HO-SFL client step time vs (P+1) forwards ({machine()}, 1 torch thread, estimator {args.estimator}, {args.directions} directions)\n")
+    print(
+        f"HO-SFL client step time vs (P+1) forwards ({machine()}, 1 torch thread, "
+        f"estimator {args.estimator}, {args.directions} directions)\n"
+    )
     headers = ("size", "batch", "d_c", "P", "fwd ms", "step ms", "(P+1)fwd ms", "ratio", "2P perturb ms", "catch-up ms", "reps")
     print(table(headers, rows))
     print("\n2P perturb: the P perturb/restore pairs of the probe; catch-up: replaying one ledger entry (P directions).")

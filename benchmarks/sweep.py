@@ -55,8 +55,7 @@ def summarise(label: str, runs: list[dict[str, Any]], frozen: dict[int, float] |
     if frozen:
         margin = f"{min(finals[s] - frozen[s] for s in finals if s in frozen):+.3f}"
     return (
-        f"| {label} | {statistics.fmean(values):.3f} ± {std:.3f} | {finals[worst]:.3f} (seed {worst}) "
-        f"| {drop:.3f} | {margin} |"
+        f"| {label} | {statistics.fmean(values):.3f} ± {std:.3f} | {finals[worst]:.3f} (seed {worst}) | {drop:.3f} | {margin} |"
     )
 
 
@@ -111,7 +110,8 @@ def main() -> None:
         frozen_runs = [runs[_key({**frozen_points[text], "seed": s})] for s in seeds]
         frozen = {run["overrides"]["seed"]: run["evaluations"][-1][1] for run in frozen_runs}
         print(summarise(text, [runs[_key({**o, "seed": s})] for s in seeds], frozen))
-        frozen_rows.setdefault(_key(frozen_points[text]), summarise(f"frozen client ({_label(frozen_points[text], base)})", frozen_runs, None))
+        frozen_label = f"frozen client ({_label(frozen_points[text], base)})"
+        frozen_rows.setdefault(_key(frozen_points[text]), summarise(frozen_label, frozen_runs, None))
     for row in frozen_rows.values():
         print(row)
 

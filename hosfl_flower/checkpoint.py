@@ -83,11 +83,11 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a hosfl-flower checkpoint (bad header)")
     line_end = data.find(b"\n", len(MAGIC))
     try:
-        digest, length = data[len(MAGIC):line_end].decode().split()
-        length = int(length)
+        digest, length_text = data[len(MAGIC) : line_end].decode().split()
+        length = int(length_text)
     except ValueError:
         raise CheckpointError(f"{path} is corrupt (unreadable header)") from None
-    payload = data[line_end + 1:]
+    payload = data[line_end + 1 :]
     if len(payload) != length:
         raise CheckpointError(f"{path} is truncated or corrupt: payload of {len(payload)} bytes, expected {length}")
     if hashlib.sha256(payload).hexdigest() != digest:
@@ -121,6 +121,4 @@ def check_tensors(what: str, saved: Mapping[str, Any], current: Mapping[str, tor
         value = saved[key]
         if not isinstance(value, torch.Tensor) or value.shape != tensor.shape or value.dtype != tensor.dtype:
             got = f"{tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else type(value).__name__
-            raise CheckpointError(
-                f"checkpoint's {what}.{key} is {got}, this model has {tuple(tensor.shape)} {tensor.dtype}"
-            )
+            raise CheckpointError(f"checkpoint's {what}.{key} is {got}, this model has {tuple(tensor.shape)} {tensor.dtype}")

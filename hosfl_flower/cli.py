@@ -42,8 +42,9 @@ def _load_app(app: str, overrides: dict[str, Any]):
         if overrides:
             raise SystemExit("flower-simulation: --run-config needs an app whose module defines build_apps(overrides)")
         components = flwr_app["components"]
+        server_attr = components["serverapp"].partition(":")[2]
         client_module, _, client_attr = components["clientapp"].partition(":")
-        return getattr(module, components["serverapp"].partition(":")[2]), getattr(importlib.import_module(client_module), client_attr)
+        return getattr(module, server_attr), getattr(importlib.import_module(client_module), client_attr)
     if hasattr(module, "build_apps"):
         return module.build_apps(overrides)
     if overrides:

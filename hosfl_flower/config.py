@@ -16,7 +16,7 @@ from .models import MODEL_FAMILIES
 from .models.base import TASKS
 from .options import ConfigError, Option
 from .protocols.base import RunSettings
-from .protocols.registry import get_protocol, protocol_options, protocols
+from .protocols.registry import protocol_options, protocols
 from .split_server import PLACEMENTS, SERVER_OPTIMIZERS
 
 DEFAULT_CUT = 2
@@ -97,7 +97,8 @@ def resolve_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
         family = MODEL_FAMILIES.get(resolved["model"])
         resolved["cut-layer"] = family.default_cut if family is not None else DEFAULT_CUT
     _check_cross_keys(resolved)
-    get_protocol(resolved["strategy"]).settings.from_config(resolved)  # the protocol's own checks across keys
+    for spec in registered.values():  # each protocol's own checks across its keys
+        spec.settings.from_config(resolved)
     return resolved
 
 

@@ -176,9 +176,7 @@ def pretrain(spec: PretrainSpec):
             torch.manual_seed(spec.seed)
             model = AutoModelForCausalLM.from_config(spec.model_config(), dtype=torch.float32)
         corpus = corpus_examples(spec, spec.corpus_documents, spec.corpus_seed)
-        optimizer = torch.optim.AdamW(
-            model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, foreach=False
-        )
+        optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, foreach=False)
 
         def factor(step: int) -> float:
             if step < spec.warmup_steps:

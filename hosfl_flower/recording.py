@@ -7,7 +7,7 @@ import math
 from collections.abc import Mapping
 from logging import INFO
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.common.logger import log
@@ -62,7 +62,8 @@ class RunRecorder:
         if self.directory is None:
             return
         if hasattr(model, "client") and hasattr(model, "server"):
-            state = {"client": model.client.state_dict(), "server": model.server.state_dict()}
+            client, server = cast(nn.Module, model.client), cast(nn.Module, model.server)
+            state = {"client": client.state_dict(), "server": server.state_dict()}
         else:
             state = {"model": model.state_dict()}
         torch.save({**state, "config": dict(config)}, self.directory / "final-model.pt")

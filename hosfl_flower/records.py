@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .zo import LedgerEntry
-
 
 # Records are written and read on every message (node state, activations, gradients), so they are
 # encoded and decoded here without Flower's general path (``np.save``/``np.load`` through a file
@@ -87,12 +87,17 @@ def ledger_to_record(entries: Sequence[LedgerEntry]) -> ConfigRecord:
     return record
 
 
+def _values(record: ConfigRecord, key: str) -> list[Any]:
+    """A list entry of ``record``, copied (what :func:`ledger_to_record` writes)."""
+    return list(cast(list[Any], record[key]))
+
+
 def record_to_ledger(record: ConfigRecord) -> list[LedgerEntry]:
     """Ledger entries back from :func:`ledger_to_record`; raises ``ValueError`` on inconsistent lengths."""
-    rounds, counts = list(record["rounds"]), list(record["counts"])
-    seeds, scalars = list(record["seeds"]), list(record["scalars"])
-    lrs, mus = list(record["lr"]), list(record["mu"])
-    directions = list(record["directions"]) if "directions" in record else ["gaussian"] * len(rounds)
+    rounds, counts = _values(record, "rounds"), _values(record, "counts")
+    seeds, scalars = _values(record, "seeds"), _values(record, "scalars")
+    lrs, mus = _values(record, "lr"), _values(record, "mu")
+    directions = _values(record, "directions") if "directions" in record else ["gaussian"] * len(rounds)
     if (
         not len(rounds) == len(counts) == len(lrs) == len(mus) == len(directions)
         or sum(counts) != len(seeds)
@@ -102,8 +107,14 @@ def record_to_ledger(record: ConfigRecord) -> list[LedgerEntry]:
     entries, offset = [], 0
     for rnd, count, lr, mu, kind in zip(rounds, counts, lrs, mus, directions):
         entries.append(
-            LedgerEntry(int(rnd), tuple(int(s) for s in seeds[offset : offset + count]),
-                        tuple(float(v) for v in scalars[offset : offset + count]), float(lr), float(mu), str(kind))
+            LedgerEntry(
+                int(rnd),
+                tuple(int(s) for s in seeds[offset : offset + count]),
+                tuple(float(v) for v in scalars[offset : offset + count]),
+                float(lr),
+                float(mu),
+                str(kind),
+            )
         )
         offset += count
     return entries

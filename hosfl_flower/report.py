@@ -197,8 +197,11 @@ def write_report(
             "",
         ]
     header = [
-        "strategy", *(name for name, _ in PROTOCOL_COLUMNS), *(m.header for m in columns),
-        "worst seed (final acc)", "client peak memory",
+        "strategy",
+        *(name for name, _ in PROTOCOL_COLUMNS),
+        *(m.header for m in columns),
+        "worst seed (final acc)",
+        "client peak memory",
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
@@ -240,8 +243,13 @@ BAND_PLOTS: tuple[tuple[str, str | None, str, str, bool], ...] = (
     ("accuracy_vs_round.png", None, "round", "accuracy vs round", False),
     ("accuracy_vs_samples.png", "samples", "cumulative processed samples", "accuracy vs processed samples", False),
     ("accuracy_vs_bytes.png", "bytes.total", "cumulative bytes (log scale)", "accuracy vs cumulative bytes", True),
-    ("accuracy_vs_client_compute.png", "client-seconds", "cumulative client compute (s)",
-     "accuracy vs cumulative client compute", False),
+    (
+        "accuracy_vs_client_compute.png",
+        "client-seconds",
+        "cumulative client compute (s)",
+        "accuracy vs cumulative client compute",
+        False,
+    ),
 )
 """``(file, row key summed along x or None for the round, x label, title, log x)`` of each band plot."""
 

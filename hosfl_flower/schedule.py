@@ -7,6 +7,7 @@ Flower run, a deployment and the in-process reference loop sample and seed ident
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, cast
 
 import numpy as np
 
@@ -31,9 +32,9 @@ class RoundSchedule:
         """``count`` direction seeds for one round."""
         return tuple(int(s) for s in self.rng.integers(0, SEED_BOUND, size=count))
 
-    def state(self) -> dict:
+    def state(self) -> dict[str, Any]:
         """The generator state (for checkpoints)."""
-        return self.rng.bit_generator.state
+        return cast(dict[str, Any], self.rng.bit_generator.state)  # a dict; numpy types it Mapping
 
     def set_state(self, state: dict) -> None:
         """Restore a state from :meth:`state`."""

@@ -13,7 +13,6 @@ import torch
 from .models import SplitModel
 from .zo import SGD, LedgerEntry, apply_entry, perturb_
 
-
 SERVER_OPTIMIZERS = ("sgd", "adamw")
 PLACEMENTS = ("local", "ray")
 """Where the split server runs: in the ServerApp's process, or as a Ray actor."""

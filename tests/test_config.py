@@ -51,7 +51,6 @@ CROSS_KEY_VALUES = [
     ("model", "pretrained-nope", "unknown pretrained model", {"dataset": "sentiment"}),
     ("zo.clip-grad-norm", -1.0, "must be a number >= 0", {}),
     ("client.lr-schedule", "linear", "must be one of constant, cosine", {}),
-    ("checkpoint-every", 5, "not supported by strategy fedavg", {"strategy": "fedavg"}),
     ("checkpoint-dir", "", "needs a checkpoint directory", {"resume": True}),
     ("cut-layer", 3, "within tiny-llama's blocks 1..2", {"model": "tiny-llama", "dataset": "sentiment"}),
     ("heron.upload-every", 5, "must be <= heron.local-steps (4)", {}),
@@ -73,6 +72,11 @@ def test_cross_key_rules_name_the_key(key, value, message, others):
         resolve_run_config({**others, key: value})
     text = str(error.value)
     assert f"{key}={value!r}" in text and message in text and "\n" not in text
+
+
+def test_every_protocol_supports_checkpoints():
+    for strategy in ("fedavg", "heron-sfl", "splitfed-v1"):
+        assert resolve_run_config({"strategy": strategy, "checkpoint-every": 5})["checkpoint-every"] == 5
 
 
 def test_overrides_parse_like_flwr_run():

@@ -102,8 +102,13 @@ def load_train_test(
         task = sentiment_task(seed=seed, max_length=text.max_length)
     else:
         task = load_text_task(
-            dataset, text.tokenizer, text.max_length, text_column=text.text_column, label_column=text.label_column,
-            template=text.template, label_words=text.label_words,
+            dataset,
+            text.tokenizer,
+            text.max_length,
+            text_column=text.text_column,
+            label_column=text.label_column,
+            template=text.template,
+            label_words=text.label_words,
         )
     verbalizer = task.verbalizer_ids if text.task == "verbalizer" else None
     info = DataInfo(task.num_classes, partial(text_examples, task=text.task), verbalizer)
@@ -129,6 +134,13 @@ def load_federated_data(
 
 
 __all__ = [
-    "DataInfo", "Examples", "FederatedData", "PARTITIONERS", "TextSpec",
-    "load_federated_data", "load_train_test", "make_partitioner", "sample_batch",
+    "DataInfo",
+    "Examples",
+    "FederatedData",
+    "PARTITIONERS",
+    "TextSpec",
+    "load_federated_data",
+    "load_train_test",
+    "make_partitioner",
+    "sample_batch",
 ]

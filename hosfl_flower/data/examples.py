@@ -19,7 +19,7 @@ class Examples:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def take(self, indices: torch.Tensor) -> "Examples":
+    def take(self, indices: torch.Tensor) -> Examples:
         """The examples at ``indices``."""
         return Examples({k: v[indices] for k, v in self.inputs.items()}, self.labels[indices])
 

@@ -43,8 +43,16 @@ SENTIMENT_LABEL_WORDS = ("bad", "good")
 
 _OPENERS = ("honestly", "overall", "frankly", "i think", "in the end", "to me")
 _SUBJECTS = (
-    "the movie", "the film", "the plot", "the acting", "the music",
-    "the ending", "the story", "this show", "the cast", "the script",
+    "the movie",
+    "the film",
+    "the plot",
+    "the acting",
+    "the music",
+    "the ending",
+    "the story",
+    "this show",
+    "the cast",
+    "the script",
 )
 _VERBS = ("was", "is", "felt", "seemed")
 _INTENSIFIERS = ("very", "really", "quite", "so", "truly")
@@ -60,9 +68,7 @@ _CORPUS_AND = 0.7  # share of corpus clauses joined by "and" (the rest: a full s
 _CORPUS_SUBJECTS = (*_SUBJECTS, "it")
 
 
-def _clause(
-    rng: random.Random, polarity: int, negation: float = _NEGATED, subjects: Sequence[str] = _SUBJECTS
-) -> str:
+def _clause(rng: random.Random, polarity: int, negation: float = _NEGATED, subjects: Sequence[str] = _SUBJECTS) -> str:
     negated = rng.random() < negation
     words = [rng.choice(subjects), rng.choice(_VERBS)]
     if negated:
@@ -89,9 +95,7 @@ def sentiment_reviews(num_examples: int, seed: int) -> Dataset:
         opener = f"{rng.choice(_OPENERS)} " if rng.random() < _OPENED else ""
         texts.append(f"{opener}{body} {_PROMPT}")
         labels.append(label)
-    features = datasets.Features(
-        {"text": datasets.Value("string"), "label": ClassLabel(names=["negative", "positive"])}
-    )
+    features = datasets.Features({"text": datasets.Value("string"), "label": ClassLabel(names=["negative", "positive"])})
     return Dataset.from_dict({"text": texts, "label": labels}, features=features)
 
 

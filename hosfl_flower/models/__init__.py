@@ -18,7 +18,6 @@ from .resnet import SplitResNet
 from .sequential import BlockSplitModel
 
 
-
 @dataclass(frozen=True)
 class ModelFamily:
     """A named family of split models."""
@@ -61,7 +60,9 @@ def register_model(
 # client segment is within 0.03 of a trained one on the digits, so a comparison would say nothing
 # about client training (docs/tuning.md).
 register_model("cnn", lambda cut_layer, num_classes: SplitCNN(cut_layer=cut_layer, num_classes=num_classes), 4, 3, ("digits",))
-register_model("resnet", lambda cut_layer, num_classes: SplitResNet(cut_layer=cut_layer, num_classes=num_classes), 4, 2, ("digits",))
+register_model(
+    "resnet", lambda cut_layer, num_classes: SplitResNet(cut_layer=cut_layer, num_classes=num_classes), 4, 2, ("digits",)
+)
 
 
 def build_split_model(

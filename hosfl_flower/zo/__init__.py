@@ -28,8 +28,8 @@ from .estimator import (
     probe_scalars,
 )
 from .ledger import Ledger, LedgerEntry, apply_entry, replay, zo_gradient
+from .optim import CLIENT_OPTIMIZERS, SGD, AdamW, ClientOptimizer, make_client_optimizer
 from .update import LR_SCHEDULES, ClientUpdateRule, estimate_norm
-from .optim import CLIENT_OPTIMIZERS, AdamW, ClientOptimizer, SGD, make_client_optimizer
 
 __all__ = [
     "AdamW",

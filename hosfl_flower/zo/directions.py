@@ -156,9 +156,7 @@ def transient_direction(seed: int, index: int, like: torch.Tensor, distribution:
 
 
 @torch.no_grad()
-def draw_directions_(
-    buffers: Sequence[torch.Tensor], seed: int, first_index: int = 0, distribution: str = "gaussian"
-) -> None:
+def draw_directions_(buffers: Sequence[torch.Tensor], seed: int, first_index: int = 0, distribution: str = "gaussian") -> None:
     """Fill each float32 CPU buffer with its direction under ``seed`` (buffer ``k`` gets direction
     ``first_index + k``): the values :func:`direction` returns, without allocating."""
     state = _THREAD
@@ -193,5 +191,6 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{tuple(t.shape)}{t.dtype}".encode())
         if t.numel():  # hashed through the buffer protocol: no copy of the bytes
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+            # (numpy's stubs declare ndarray's buffer protocol for Python >= 3.12 only)
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
     return digest.hexdigest()[:32]

@@ -35,10 +35,7 @@ class LedgerEntry:
     def __post_init__(self) -> None:
         check_distribution(self.directions)
         if len(self.seeds) != len(self.scalars):
-            raise ValueError(
-                f"ledger entry for round {self.round}: {len(self.seeds)} seeds "
-                f"but {len(self.scalars)} scalars"
-            )
+            raise ValueError(f"ledger entry for round {self.round}: {len(self.seeds)} seeds but {len(self.scalars)} scalars")
 
     def coefficients(self) -> list[float]:
         """``v̄_p / (P μ)``: the weight of direction ``u_p`` in the estimate ``ĝ``."""
@@ -72,9 +69,7 @@ def zo_gradient(
 
 
 @torch.no_grad()
-def apply_entry(
-    params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entry: LedgerEntry, first_index: int = 0
-) -> None:
+def apply_entry(params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entry: LedgerEntry, first_index: int = 0) -> None:
     """Apply one ledger entry to ``params`` in place (one parameter at a time).
 
     ``first_index`` is the direction index of ``params[0]`` (see :func:`perturb_`).
@@ -105,9 +100,7 @@ class Ledger:
     def append(self, entry: LedgerEntry) -> None:
         """Add the entry of a round later than every entry already held."""
         if self._entries and entry.round <= self._entries[-1].round:
-            raise ValueError(
-                f"ledger entries must have increasing rounds: {entry.round} after {self._entries[-1].round}"
-            )
+            raise ValueError(f"ledger entries must have increasing rounds: {entry.round} after {self._entries[-1].round}")
         self._entries.append(entry)
 
     def since(self, applied_round: int) -> list[LedgerEntry]:

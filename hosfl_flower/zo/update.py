@@ -52,7 +52,7 @@ class ClientUpdateRule:
             raise ValueError(f"unknown client lr schedule {self.schedule!r}; allowed: {', '.join(LR_SCHEDULES)}")
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> "ClientUpdateRule":
+    def from_config(cls, config: Mapping[str, Any]) -> ClientUpdateRule:
         """The rule of a resolved run config (``client.lr``, ``client.lr-schedule``, ``zo.mu``, ``zo.clip-grad-norm``)."""
         return cls(
             lr=config["client.lr"],

@@ -1,0 +1,68 @@
+"""FedAvg's message: ``train.fedavg`` (the whole model and how to train it down; the trained model, the
+number of examples and the local loss up). docs/protocols.md, "FedAvg"."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from ...records import tensors_to_record
+from ..messages import (
+    Payload, Reply, ReplyError, check_state, layout_of, require_record, require_scalars, require_tensors, require_value,
+)
+
+
+@dataclass
+class FedAvgReply(Reply):
+    """The node's locally trained whole model, its number of examples and its mean local loss."""
+
+    weights: dict[str, torch.Tensor]
+    num_examples: int
+    train_loss: float
+
+    categories: ClassVar[Mapping[str, str]] = {"arrays": "model_up", "meta": "other"}
+
+    def to_record(self) -> RecordDict:
+        meta = self.meta(**{"num-examples": self.num_examples, "train-loss": self.train_loss})
+        return RecordDict({"arrays": tensors_to_record(self.weights), "meta": meta})
+
+    @classmethod
+    def from_record(cls, content, request: "FedAvgRequest | None" = None, spec=None) -> "FedAvgReply":
+        meta = require_record(content, "meta", ConfigRecord)
+        weights = require_tensors(content, "arrays")
+        if request is not None:
+            check_state(weights, layout_of(request.weights), "model")
+        num_examples = int(require_value(meta, "num-examples", int))
+        if num_examples <= 0:
+            raise ReplyError("out-of-range", "num-examples")
+        train_loss = require_scalars(meta, "train-loss", 1)[0]
+        return cls(weights, num_examples, train_loss, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+
+
+@dataclass
+class FedAvgRequest(Payload):
+    """``train.fedavg``: train the whole model ``weights`` for ``local_steps`` SGD steps at ``lr``."""
+
+    weights: dict[str, torch.Tensor]
+    local_steps: int
+    lr: float
+
+    message_type: ClassVar[str] = "train.fedavg"
+    reply_type: ClassVar[type[Payload] | None] = FedAvgReply
+    categories: ClassVar[Mapping[str, str]] = {"arrays": "model_down", "fedavg": "other"}
+
+    def to_record(self) -> RecordDict:
+        train = ConfigRecord({"local-steps": self.local_steps, "lr": self.lr})
+        return RecordDict({"arrays": tensors_to_record(self.weights), "fedavg": train})
+
+    @classmethod
+    def from_record(cls, content, request=None, spec=None) -> "FedAvgRequest":
+        train = require_record(content, "fedavg", ConfigRecord)
+        return cls(
+            require_tensors(content, "arrays"), int(require_value(train, "local-steps", int)),
+            float(require_value(train, "lr", (int, float))),
+        )

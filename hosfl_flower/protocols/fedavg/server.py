@@ -1,0 +1,44 @@
+"""FedAvg's server part: the unsplit model trained by the nodes and averaged each round
+(docs/protocols.md, "FedAvg").
+
+Round ``t``: ``train.fedavg`` to the sampled nodes (the whole model down; each trains it for
+``fedavg.local-steps`` first-order steps), then the returned models are averaged by
+:meth:`~hosfl_flower.protocols.base.ProtocolServer.weights`. The split server takes no step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ...split_server import RaySplitServer
+from ..aggregation import weighted_average
+from ..base import Link, NodeInfo, ProtocolServer
+from .config import FedAvgSettings
+from .messages import FedAvgRequest
+
+
+class FedAvgServer(ProtocolServer[FedAvgSettings]):
+    """FedAvg of the whole model (both segments)."""
+
+    name = "fedavg"
+
+    def run_round(self, server_round: int, nodes: Sequence[NodeInfo], link: Link) -> dict[str, Any]:
+        """``train.fedavg`` to ``nodes``, then the weighted average of the returned models."""
+        steps, lr = self.settings.local_steps, self.settings.lr
+        model = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
+        replies = link.exchange([(node, FedAvgRequest(model, steps, lr)) for node in nodes])
+        samples = sum(steps * min(self.run.batch_size, reply.num_examples) for reply in replies.values())
+        metrics: dict[str, Any] = {"sampled": len(nodes), "replies": len(replies), "samples": samples, "server-steps": 0}
+        if not self.enough(replies, "train", metrics):
+            return metrics
+        weights = self.weights(server_round, [node.num_examples for node in replies])
+        self.model.load_state_dict(weighted_average([reply.weights for reply in replies.values()], weights))
+        self.share_server_weights()
+        metrics["train-loss"] = sum(reply.train_loss for reply in replies.values()) / len(replies)
+        return metrics
+
+    def share_server_weights(self) -> None:
+        """Give the averaged ``θ_s`` to a split server that holds its own copy (a Ray actor)."""
+        if isinstance(self.split_server, RaySplitServer):
+            self.split_server.load_state({**self.split_server.state(), "weights": self.model.server.state_dict()})

@@ -1,0 +1,66 @@
+"""HERON-SFL's server part (docs/protocols.md, "HERON-SFL"): one exchange per round, no server feedback.
+
+Round ``t``: ``train.heron`` carries ``θ_c`` and the auxiliary head ``θ_a`` to the sampled nodes; each
+takes ``h`` zeroth-order steps on its own auxiliary loss and uploads the smashed batch of every
+``k``-th step. The server then trains ``θ_s`` first-order on those batches, node by node (SplitFed-V2
+order), and averages ``θ_c`` and ``θ_a`` weighted by the nodes' numbers of examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ...checkpoint import check_tensors
+from ...models.aux_head import build_aux_head
+from ..aggregation import weighted_average
+from ..base import Link, NodeInfo, ProtocolServer
+from .config import HeronSettings
+from .messages import HeronReply, HeronRequest
+
+
+class HeronServer(ProtocolServer[HeronSettings]):
+    """HERON-SFL; ``self.aux_head`` is the global auxiliary head ``θ_a`` (built from ``spec.z_example``)."""
+
+    name = "heron-sfl"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.aux_head = build_aux_head(self.settings.head, self.spec.z_example, self.spec.num_classes, self.run.seed)
+
+    def head_state(self) -> dict[str, torch.Tensor]:
+        """A copy of the global ``θ_a``."""
+        return {k: v.detach().clone() for k, v in self.aux_head.state_dict().items()}
+
+    def run_round(self, server_round: int, nodes: Sequence[NodeInfo], link: Link) -> dict[str, Any]:
+        """``train.heron`` → server steps on the uploaded batches → weighted average of ``θ_c`` and ``θ_a``."""
+        s = self.settings
+        request = HeronRequest(self.client_state(), self.head_state(), s.local_steps, s.upload_every, s.mu, s.lr, s.head)
+        replies: dict[NodeInfo, HeronReply] = link.exchange([(node, request) for node in nodes])
+        metrics: dict[str, Any] = {"sampled": len(nodes), "replies": len(replies), "server-batches": 0, "server-steps": 0}
+        metrics["samples"] = sum(s.local_steps * min(self.run.batch_size, node.num_examples) for node in replies)
+        if not self.enough(replies, "heron", metrics):
+            return metrics
+        losses = []
+        for reply in replies.values():
+            for batch in reply.batches:
+                step = self.split_server.step([(batch.smashed, batch.labels)], [1.0])
+                link.account.server_seconds += step.seconds
+                losses.append(step.loss)
+        weights = self.weights(server_round, [node.num_examples for node in replies])
+        self.model.load_client_state(weighted_average([r.client_state for r in replies.values()], weights))
+        self.aux_head.load_state_dict(weighted_average([r.head_state for r in replies.values()], weights))
+        metrics.update({"server-batches": len(losses), "server-steps": len(losses), "train-loss": sum(losses) / len(losses)})
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints: the auxiliary head
+    def state(self) -> dict[str, Any]:
+        return {"aux-head": self.head_state()}
+
+    def check_state(self, state: Mapping[str, Any]) -> None:
+        check_tensors("auxiliary head", state["aux-head"], self.aux_head.state_dict())
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.aux_head.load_state_dict(state["aux-head"])

@@ -1,0 +1,119 @@
+"""SplitFed's messages: ``train.splitfed_smash`` (the round's ``θ_c`` down with the first step; ``z``,
+``y`` up) and ``train.splitfed_grad`` (``λ`` down; after the last step the node's ``θ_c`` up).
+docs/protocols.md, "SplitFed"."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from flwr.app import ConfigRecord, RecordDict
+
+from ...records import tensors_to_record
+from ..messages import (
+    ModelSpec, Payload, Reply, ReplyError, SmashedBatch, check_state, require_record, require_tensors, require_value,
+)
+
+
+@dataclass
+class SplitFedSmashReply(Reply):
+    """``z = f_c(x)`` (and companions) and the labels of one step's minibatch."""
+
+    batch: SmashedBatch | None = None
+
+    categories: ClassVar[Mapping[str, str]] = {"smashed": "activations_up", "labels": "labels_up", "meta": "other"}
+    lie_field: ClassVar[str | None] = "batch"
+
+    @property
+    def num_examples(self) -> int:
+        return self.batch.num_examples if self.batch is not None else 0
+
+    def to_record(self) -> RecordDict:
+        return RecordDict({**self.batch.records(), "meta": self.meta(**{"num-examples": self.num_examples})})
+
+    @classmethod
+    def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> "SplitFedSmashReply":
+        meta = require_record(content, "meta", ConfigRecord)
+        batch = SmashedBatch.read(content, spec)
+        if int(require_value(meta, "num-examples", int)) != batch.num_examples:
+            raise ReplyError("wrong-count", "num-examples disagrees with the labels")
+        return cls(batch, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+
+
+@dataclass
+class SplitFedSmashRequest(Payload):
+    """``train.splitfed_smash``: smash step ``step``'s minibatch; the first step brings the round's ``θ_c``."""
+
+    step: int = 0
+    weights: dict[str, torch.Tensor] | None = None
+
+    message_type: ClassVar[str] = "train.splitfed_smash"
+    reply_type: ClassVar[type[Payload] | None] = SplitFedSmashReply
+    categories: ClassVar[Mapping[str, str]] = {"arrays": "model_down", "step": "other"}
+
+    def to_record(self) -> RecordDict:
+        records = {"step": ConfigRecord({"step": self.step})}
+        if self.weights is not None:
+            records["arrays"] = tensors_to_record(self.weights)
+        return RecordDict(records)
+
+    @classmethod
+    def from_record(cls, content, request=None, spec=None) -> "SplitFedSmashRequest":
+        step = int(require_value(require_record(content, "step", ConfigRecord), "step", int))
+        return cls(step, require_tensors(content, "arrays") if "arrays" in content else None)
+
+
+@dataclass
+class SplitFedGradReply(Reply):
+    """After the round's last step: the node's trained ``θ_c`` (earlier steps reply with ``meta`` only)."""
+
+    weights: dict[str, torch.Tensor] | None = None
+
+    categories: ClassVar[Mapping[str, str]] = {"arrays": "model_up", "meta": "other"}
+
+    def to_record(self) -> RecordDict:
+        records = {"meta": self.meta()}
+        if self.weights is not None:
+            records["arrays"] = tensors_to_record(self.weights)
+        return RecordDict(records)
+
+    @classmethod
+    def from_record(cls, content, request: "SplitFedGradRequest | None" = None, spec: ModelSpec | None = None) -> "SplitFedGradReply":
+        meta = require_record(content, "meta", ConfigRecord)
+        weights = None
+        if request is None or request.last:
+            weights = require_tensors(content, "arrays")
+            if spec is not None:
+                check_state(weights, spec.client_state, "client segment")
+        return cls(weights, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+
+
+@dataclass
+class SplitFedGradRequest(Payload):
+    """``train.splitfed_grad``: ``λ = ∂ℓ/∂z`` of step ``step``; the node backpropagates it and steps at ``lr``."""
+
+    activation_grad: torch.Tensor
+    step: int
+    lr: float
+    last: bool
+
+    message_type: ClassVar[str] = "train.splitfed_grad"
+    reply_type: ClassVar[type[Payload] | None] = SplitFedGradReply
+    categories: ClassVar[Mapping[str, str]] = {"activation-grad": "activation_grads_down", "step": "other"}
+
+    def to_record(self) -> RecordDict:
+        step = ConfigRecord({"step": self.step, "lr": self.lr, "last": self.last})
+        return RecordDict({"activation-grad": tensors_to_record({"z": self.activation_grad}), "step": step})
+
+    @classmethod
+    def from_record(cls, content, request=None, spec=None) -> "SplitFedGradRequest":
+        step = require_record(content, "step", ConfigRecord)
+        lam = require_tensors(content, "activation-grad").get("z")
+        if lam is None:
+            raise ReplyError("malformed", "missing activation-grad.z")
+        return cls(
+            lam, int(require_value(step, "step", int)), float(require_value(step, "lr", (int, float))),
+            bool(require_value(step, "last", bool)),
+        )
