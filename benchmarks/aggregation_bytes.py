@@ -1,8 +1,12 @@
 """Dimension-free aggregation: bytes per sampled client and round of the client-segment aggregation traffic.
 
-Records are built by the package's own code (the HO-SFL strategy's catch-up records, the records the
-probe exchange carries, ``tensors_to_record`` of the weights) and counted with Flower's
-``count_bytes()`` under the categories of :mod:`hosfl_flower.accounting`:
+The messages of one round are built from the protocols' own typed messages (HO-SFL's ``train.smash``
+with the catch-up its :class:`~hosfl_flower.protocols.hosfl.sync.LedgerSync` chooses, ``train.probe``
+and their replies; SplitFed's ``train.splitfed_smash`` carrying ``θ_c`` and the last
+``train.splitfed_grad`` reply carrying it back; FedAvg's ``train.fedavg`` and its reply), turned into
+Flower messages as the Flower link does (:func:`hosfl_flower.flower.link.request_message`), and counted
+by :meth:`hosfl_flower.accounting.RoundAccount.count` under the categories each message class declares
+(Flower's ``count_bytes()`` per record):
 
 - HO-SFL: ``scalars_up`` (``P`` scalars) + ``seeds_and_ledger_down`` (the round's seeds, and the one
   ledger entry a node that took part in the previous round lacks);
@@ -18,60 +22,125 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 from _common import LLM_CONFIG, local_llamas, machine, parse_args, ratio_line, table
 
+NODE_ID, SERVER_ROUND = 7, 2
+"""The measured node, and the round it takes part in (it also took part in round 1)."""
 
-def categorise(records: Mapping[str, object], direction: str) -> Counter:
-    """Bytes per accounting category, exactly as ``RoundAccount.count`` files a message's records."""
-    from hosfl_flower.accounting import RECORD_CATEGORIES, record_bytes
 
-    counts: Counter = Counter()
-    for name, record in records.items():
-        counts[RECORD_CATEGORIES.get((direction, name.split(".", 1)[0]), "other")] += record_bytes(record)
-    return counts
+@contextmanager
+def task_identity() -> Iterator[None]:
+    """Flower builds messages only inside a task: give this process one while they are built (restored after)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    names = ("_run_id", "_task_id", "_node_id")
+    saved = [getattr(TaskIdentity, name) for name in names]
+    for name, value in zip(names, saved):
+        setattr(TaskIdentity, name, 1 if value is None else value)
+    try:
+        yield
+    finally:
+        for name, value in zip(names, saved):
+            setattr(TaskIdentity, name, value)
+
+
+def exchange(request: Any, reply: Any) -> tuple[Counter, Counter]:
+    """Bytes per accounting category of one request (as the Flower link sends it: typed request, then
+    :func:`~hosfl_flower.flower.link.request_message`) and of its reply (as the ClientApp answers it),
+    each counted by ``RoundAccount.count`` under its message class's declared categories."""
+    from flwr.app import Message
+
+    from hosfl_flower.accounting import RoundAccount
+    from hosfl_flower.flower.link import CONFIG_CATEGORIES, request_message
+
+    sent, received = RoundAccount(), RoundAccount()
+    message = request_message(request, NODE_ID, SERVER_ROUND)
+    sent.count(message, {**type(request).categories, **CONFIG_CATEGORIES})
+    received.count(Message(reply.to_record(), reply_to=message), type(request).reply_type.categories)
+    return sent.bytes, received.bytes
 
 
 def measure(config: dict) -> dict:
     """Aggregation bytes per sampled client and round of HO-SFL, SplitFed and FedAvg for one model."""
-    from flwr.app import ConfigRecord, MetricRecord
+    import torch
 
     from hosfl_flower.config import resolve_run_config
-    from hosfl_flower.records import tensors_to_record
+    from hosfl_flower.protocols import NodeInfo, SmashedBatch
+    from hosfl_flower.protocols.fedavg.config import FedAvgSettings
+    from hosfl_flower.protocols.fedavg.messages import FedAvgReply, FedAvgRequest
+    from hosfl_flower.protocols.hosfl.config import HOSFLSettings
+    from hosfl_flower.protocols.hosfl.messages import ProbeReply, ProbeRequest, SmashReply, SmashRequest
+    from hosfl_flower.protocols.hosfl.sync import LedgerSync
+    from hosfl_flower.protocols.splitfed.config import SplitFedSettings
+    from hosfl_flower.protocols.splitfed.messages import (
+        SplitFedGradReply,
+        SplitFedGradRequest,
+        SplitFedSmashReply,
+        SplitFedSmashRequest,
+    )
     from hosfl_flower.schedule import RoundSchedule
-    from hosfl_flower.strategies import HOSFLStrategy
-    from hosfl_flower.strategies.base import NodeInfo
     from hosfl_flower.task import server_model_and_test
-    from hosfl_flower.zo import LedgerEntry
+    from hosfl_flower.zo import LedgerEntry, fingerprint, make_client_optimizer
 
     cfg = resolve_run_config({**config, "results-dir": ""})
     model, test = server_model_and_test(cfg)
-    strategy = HOSFLStrategy(model, test, cfg)
+    batch = test.take(torch.arange(min(cfg["batch-size"], len(test))))
+    with torch.no_grad():
+        smashed = model.smash(batch.inputs)
+    lam = torch.zeros_like(smashed["z"])  # λ's bytes are split-learning traffic: its values do not matter here
+
+    # HO-SFL: the node took part in round 1, so its catch-up is round 1's ledger entry
+    hosfl_settings = HOSFLSettings.from_config(cfg)
+    num_probes, mu = hosfl_settings.num_perturbations, hosfl_settings.mu
+    optimizer = make_client_optimizer(hosfl_settings.client_optimizer, hosfl_settings.client_weight_decay)
+    sync = LedgerSync(model.client_parameters(), model.client_state, optimizer)
     schedule = RoundSchedule(cfg["seed"])
-    num_probes, mu = cfg["zo.num-perturbations"], cfg["zo.mu"]
-    previous = LedgerEntry(1, schedule.seeds(num_probes), tuple(0.1 * (p + 1) for p in range(num_probes)), cfg["client.lr"], mu)
-    strategy.ledger.append(previous)
-    node = NodeInfo(node_id=7, partition_id=0, num_examples=100)
-    strategy.node_applied[node.node_id] = previous.round - 1  # took part in the previous round
+    previous = LedgerEntry(
+        SERVER_ROUND - 1,
+        schedule.seeds(num_probes),
+        tuple(0.1 * (p + 1) for p in range(num_probes)),
+        hosfl_settings.client_lr,
+        mu,
+        hosfl_settings.directions,
+    )
+    sync.ledger.append(previous)
+    node = NodeInfo(node_id=NODE_ID, partition_id=0, num_examples=100)
+    sync.node_discovered(node, previous.round - 1)
+    seeds = tuple(schedule.seeds(num_probes))
+    version = fingerprint(model.client_parameters())
+    smash_down, smash_up = exchange(
+        SmashRequest(sync.catch_up(node)), SmashReply(version, previous.round, SmashedBatch(smashed, batch.labels))
+    )
+    probe = ProbeRequest(lam, seeds, mu, hosfl_settings.estimator, hosfl_settings.directions)
+    probe_down, probe_up = exchange(probe, ProbeReply([0.123456789 * (p + 1) for p in range(num_probes)]))
+    hosfl = smash_down + smash_up + probe_down + probe_up
 
-    seeds = schedule.seeds(num_probes)
-    hosfl = categorise(strategy.catch_up_records(node), "down")  # train.smash: sync + ledger
-    hosfl += categorise({"seeds": ConfigRecord({"seeds": list(seeds), "mu": mu})}, "down")  # train.probe
-    hosfl += categorise({"scalars": MetricRecord({"values": [0.123456789 * (p + 1) for p in range(num_probes)]})}, "up")
-    entry_bytes = categorise(strategy.catch_up_records(node), "down")["seeds_and_ledger_down"]
+    # SplitFed (V1 and V2 move the same client-segment messages): θ_c down with the first step, up after the last
+    splitfed_settings = SplitFedSettings.from_config(cfg)
+    segment = {k: v.detach().clone() for k, v in model.client_state().items()}
+    last = splitfed_settings.local_steps - 1
+    first_down, first_up = exchange(SplitFedSmashRequest(0, segment), SplitFedSmashReply(SmashedBatch(smashed, batch.labels)))
+    last_down, last_up = exchange(SplitFedGradRequest(lam, last, splitfed_settings.lr, True), SplitFedGradReply(segment))
+    splitfed = first_down + first_up + last_down + last_up
 
-    segment = tensors_to_record(model.client_state())
-    splitfed = categorise({"arrays": segment}, "down") + categorise({"arrays": segment}, "up")
-    whole = tensors_to_record(model.state_dict())
-    fedavg = categorise({"arrays": whole}, "down") + categorise({"arrays": whole}, "up")
+    # FedAvg: the whole model down and up
+    fedavg_settings = FedAvgSettings.from_config(cfg)
+    whole = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    fedavg_down, fedavg_up = exchange(
+        FedAvgRequest(whole, fedavg_settings.local_steps, fedavg_settings.lr), FedAvgReply(whole, 100, 0.5)
+    )
+    fedavg = fedavg_down + fedavg_up
     return {
         "d_c": sum(p.numel() for p in model.client_parameters()),
         "model": sum(p.numel() for p in model.state_dict().values()),
         "P": num_probes,
         "hosfl": hosfl["scalars_up"] + hosfl["seeds_and_ledger_down"],
         "hosfl_other": hosfl["other"],
-        "ledger_entry": entry_bytes,
+        "ledger_entry": smash_down["seeds_and_ledger_down"],
         "splitfed": splitfed["model_up"] + splitfed["model_down"],
         "fedavg": fedavg["model_up"] + fedavg["model_down"],
     }
@@ -91,7 +160,8 @@ def main() -> None:
         ]
         if args.quick:
             cases = [cases[0], cases[3]]
-        results = {name: measure(config) for name, config in cases}
+        with task_identity():
+            results = {name: measure(config) for name, config in cases}
     print(f"aggregation bytes per sampled client and round ({machine()})\n")
     rows = [
         (
@@ -123,7 +193,7 @@ def main() -> None:
     print(table(headers, rows))
     print("\nHO-SFL B = P scalars up + seeds and one ledger entry down; a node that missed M rounds gets M entries")
     print(
-        "(or the weights once, when those cost more). HO-SFL's 'sync' record (other) adds "
+        "(or the weights once, when those cost more). HO-SFL's control records (sync, config, meta: other) add "
         f"{next(iter(results.values()))['hosfl_other']} B."
     )
     print(f"({time.perf_counter() - started:.0f} s)")

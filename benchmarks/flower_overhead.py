@@ -88,7 +88,8 @@ def main() -> None:
         from hosfl_flower.config import resolve_run_config
         from hosfl_flower.task import client_task
 
-        d_c = sum(p.numel() for p in client_task(resolve_run_config(config), NODES).model.client_parameters())
+        cfg = resolve_run_config(config)
+        d_c = sum(p.numel() for p in client_task(cfg, NODES).model.client_parameters())
         kept = slice(warmup, rounds - 1)
         reference_seconds = reference_round_seconds(config)[kept]
         variants = [("flower, 2 ClientApp actors (default)", ())]
@@ -105,7 +106,8 @@ def main() -> None:
         lines.append(ratio_line(f"flower round/reference round [{name}]", median / reference_median, TARGET))
     print(f"HO-SFL round wall time, Flower simulation vs reference loop ({machine()}, 1 torch thread)")
     print(
-        f"client segment d_c = {d_c:,}; {NODES} nodes, {NODES} per round, P = 5, batch 32; "
+        f"client segment d_c = {d_c:,}; {NODES} nodes, {NODES} per round, P = {cfg['zo.num-perturbations']}, "
+        f"batch {cfg['batch-size']}; "
         f"rounds {warmup + 1}..{rounds - 1} of {rounds}\n"
     )
     print(table(("run", "round s (median)", "process wall s", "/ reference"), rows))

@@ -1,8 +1,8 @@
-"""Client peak memory of one step per method, side by side: HO-SFL vs inference-only and vs SplitFed.
+"""Client peak memory of one step per method, side by side: HO-SFL vs inference-only and vs SplitFed (V2).
 
-``graph calls``: client-segment module calls of one step that recorded an autograd graph (0 for the
-forward-only methods). ``hosfl-lean`` is the floor a leaner HO-SFL client would reach (see
-:data:`hosfl_flower.memory.LEAN_METHOD`); it is not the package's client.
+A method is ``inference`` or a registered protocol, whose step is its registered ``memory_step`` (the
+protocol's own client handlers; :func:`hosfl_flower.memory.all_methods`). ``graph calls``: client-segment
+module calls of one step that recorded an autograd graph (0 for the forward-only methods).
 
 Each (configuration, method) case runs in its own subprocess (:func:`hosfl_flower.memory.measure_client_peak`);
 two cases run at a time, which changes wall time only (each process measures its own resident set).
@@ -17,9 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 from _common import LLM_CONFIG, machine, mib, parse_args, ratio_line, table
 
-from hosfl_flower.memory import ALL_METHODS, LEAN_METHOD, measure_client_peak
+from hosfl_flower.memory import DEFAULT_METHODS, measure_client_peak
 
-CORE = ("inference", "hosfl", LEAN_METHOD, "splitfed")
+SPLITFED = "splitfed-v2"
+CORE = ("inference", "hosfl", SPLITFED)
+ALL_METHODS = DEFAULT_METHODS
+"""inference, hosfl, heron-sfl, splitfed-v2, zo-sfl, fedavg."""
 CASES = [
     # name, run config, methods, repeats, activations dominate (the HO-SFL / SplitFed target applies)
     ("cnn b32 (default)", {}, CORE, 5, False),
@@ -27,7 +30,7 @@ CASES = [
     ("resnet cut3 b1024", {"model": "resnet", "cut-layer": 3, "batch-size": 1024}, CORE, 2, True),
     ("tiny-llama lora8 b256 T128", {**LLM_CONFIG, "batch-size": 256, "max-length": 128}, ALL_METHODS, 2, True),
 ]
-QUICK_CASES = [("cnn b1024", {"batch-size": 1024}, ("inference", "hosfl", "splitfed"), 1, True)]
+QUICK_CASES = [("cnn b1024", {"batch-size": 1024}, ("inference", "hosfl", SPLITFED), 1, True)]
 
 
 def main() -> None:
@@ -44,7 +47,7 @@ def main() -> None:
     lines = []
     for name, _, methods, _, dominated in cases:
         by_method = {m: results[(name, m)] for m in methods}
-        inference, splitfed = by_method["inference"]["bytes"], by_method["splitfed"]["bytes"]
+        inference, splitfed = by_method["inference"]["bytes"], by_method[SPLITFED]["bytes"]
         first = by_method["inference"]
         print(f"{name}: batch {first['batch_size']}, z {first['z_numel']:,} floats, d_c {first['client_params']:,}")
         rows = [
@@ -58,14 +61,10 @@ def main() -> None:
             )
             for m, r in by_method.items()
         ]
-        print(table(("method", "peak MiB", "/ inference", "/ splitfed", "graph calls", "samples MiB"), rows), "\n")
+        print(table(("method", "peak MiB", "/ inference", f"/ {SPLITFED}", "graph calls", "samples MiB"), rows), "\n")
         hosfl = by_method["hosfl"]["bytes"]
         lines.append(ratio_line(f"hosfl/inference [{name}]", hosfl / inference, 1.10))
-        lines.append(ratio_line(f"hosfl/splitfed [{name}]", hosfl / splitfed, 0.40 if dominated else None))
-        if LEAN_METHOD in by_method:
-            lean = by_method[LEAN_METHOD]["bytes"]
-            lines.append(ratio_line(f"{LEAN_METHOD}/inference [{name}]", lean / inference, 1.10))
-            lines.append(ratio_line(f"{LEAN_METHOD}/splitfed [{name}]", lean / splitfed, 0.40 if dominated else None))
+        lines.append(ratio_line(f"hosfl/{SPLITFED} [{name}]", hosfl / splitfed, 0.40 if dominated else None))
     print(f"({time.perf_counter() - started:.0f} s)")
     print("\n".join(lines))
 

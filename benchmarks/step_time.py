@@ -1,8 +1,9 @@
 """Client HO-SFL step time over (P+1) client forward passes, at several sizes.
 
-The step is one round of a node's HO-SFL work: ``HOSFLClient.smash`` (catching up one ledger entry)
-then ``HOSFLClient.probe`` with ``P`` seeds. The forward is ``model.smash(inputs)`` under
-``torch.no_grad()`` on the same batch. Both are timed with ``time.perf_counter``, interleaved
+The step is one round of a node's HO-SFL work, the ``hosfl`` memory case (the protocol's registered
+``memory_step``): its ``train.smash`` handler (catching up one ledger entry) then its ``train.probe``
+handler with ``P`` seeds (:mod:`hosfl_flower.protocols.hosfl.client`). The forward is
+``model.smash(inputs)`` under ``torch.no_grad()`` on the same batch. Both are timed with ``time.perf_counter``, interleaved
 (forward, step, forward, step, ...) so machine load hits both alike; medians are compared.
 
     python benchmarks/step_time.py [--quick] [--profile NAME] [--estimator forward|central|jvp] [--directions gaussian|rademacher]

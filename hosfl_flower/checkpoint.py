@@ -1,4 +1,4 @@
-"""Atomic, verified checkpoints of a run's server-side state (PROTOCOLS §4: the ledger is part of it).
+"""Atomic, verified checkpoints of a run's server-side state (docs/protocols.md, "Checkpoints": the ledger is part of it).
 
 A checkpoint file is a header line, the SHA-256 and length of the payload, then the payload (a
 ``torch.save`` of the round, the run config and the strategy's state, loaded back with

@@ -175,7 +175,7 @@ def test_coefficients_follow_the_estimator_normalisation():
 
 # --------------------------------------------------------------------------- reused generator and scratch
 def fresh_direction(seed, index, shape):
-    """The contract (PROTOCOLS §5), spelled out: a new CPU generator seeded with mix_seed(seed, index)."""
+    """The contract (docs/protocols.md, "HO-SFL", directions), spelled out: a new CPU generator seeded with mix_seed(seed, index)."""
     from hosfl_flower.zo import mix_seed
 
     return torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, index)), dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Seeded random directions (PROTOCOLS §5).
+"""Seeded random directions (docs/protocols.md, "HO-SFL", directions).
 
 Direction ``u_p`` for trainable parameter ``i`` (``named_parameters()`` order, ``requires_grad``
 only) is drawn in float32 by a CPU ``torch.Generator`` seeded from ``(seed_p, i)``, then moved to

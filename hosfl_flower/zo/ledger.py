@@ -1,4 +1,4 @@
-"""The ledger of HO-SFL client updates, and their replay (PROTOCOLS §4).
+"""The ledger of HO-SFL client updates, and their replay (docs/protocols.md, "HO-SFL", catch-up).
 
 Each round that updates the client segment leaves one entry ``(t, seeds, v̄, lr, μ, directions)``.
 Applying the entries in order to the shared initial weights, with the same optimizer, reproduces

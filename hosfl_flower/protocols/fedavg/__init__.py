@@ -13,7 +13,11 @@ from .config import FedAvgSettings
 from .server import FedAvgServer
 
 register_protocol(
-    "fedavg", FedAvgServer, FedAvgSettings, HANDLERS, "FedAvg: the whole model trained first-order on the clients",
+    "fedavg",
+    FedAvgServer,
+    FedAvgSettings,
+    HANDLERS,
+    "FedAvg: the whole model trained first-order on the clients",
     memory_step=memory_step,
 )
 

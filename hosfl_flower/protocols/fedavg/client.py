@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from ...node.client import HOSFLClient
+from ..messages import Payload
+from ..registry import Handler
 from .config import FedAvgSettings
 from .messages import FedAvgReply, FedAvgRequest
 
@@ -29,7 +31,7 @@ def train(client: HOSFLClient, request: FedAvgRequest, server_round: int) -> Fed
     return FedAvgReply(weights, num_examples, float(metrics["train-loss"]), compute_seconds=time.perf_counter() - start)
 
 
-HANDLERS = {FedAvgRequest: train}
+HANDLERS: dict[type[Payload], Handler] = {FedAvgRequest: train}
 
 
 def memory_step(case: MemoryCase) -> Callable[[], FedAvgReply]:

@@ -12,7 +12,15 @@ from flwr.app import ConfigRecord, RecordDict
 
 from ...records import tensors_to_record
 from ..messages import (
-    Payload, Reply, ReplyError, check_state, layout_of, require_record, require_scalars, require_tensors, require_value,
+    Payload,
+    Reply,
+    ReplyError,
+    check_state,
+    layout_of,
+    require_record,
+    require_scalars,
+    require_tensors,
+    require_value,
 )
 
 
@@ -31,10 +39,11 @@ class FedAvgReply(Reply):
         return RecordDict({"arrays": tensors_to_record(self.weights), "meta": meta})
 
     @classmethod
-    def from_record(cls, content, request: "FedAvgRequest | None" = None, spec=None) -> "FedAvgReply":
+    def from_record(cls, content, request: Payload | None = None, spec=None) -> FedAvgReply:
+        """The trained model must have the layout of the request's (and be finite)."""
         meta = require_record(content, "meta", ConfigRecord)
         weights = require_tensors(content, "arrays")
-        if request is not None:
+        if isinstance(request, FedAvgRequest):
             check_state(weights, layout_of(request.weights), "model")
         num_examples = int(require_value(meta, "num-examples", int))
         if num_examples <= 0:
@@ -60,9 +69,10 @@ class FedAvgRequest(Payload):
         return RecordDict({"arrays": tensors_to_record(self.weights), "fedavg": train})
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "FedAvgRequest":
+    def from_record(cls, content, request=None, spec=None) -> FedAvgRequest:
         train = require_record(content, "fedavg", ConfigRecord)
         return cls(
-            require_tensors(content, "arrays"), int(require_value(train, "local-steps", int)),
+            require_tensors(content, "arrays"),
+            int(require_value(train, "local-steps", int)),
             float(require_value(train, "lr", (int, float))),
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...split_server import RaySplitServer
 from ..aggregation import weighted_average
-from ..base import Link, NodeInfo, ProtocolServer
+from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from .config import FedAvgSettings
 from .messages import FedAvgRequest
 
@@ -22,6 +22,11 @@ class FedAvgServer(ProtocolServer[FedAvgSettings]):
     """FedAvg of the whole model (both segments)."""
 
     name = "fedavg"
+
+    @classmethod
+    def planned_cost(cls, settings: FedAvgSettings, run: RunSettings) -> tuple[int, int]:
+        """``fedavg.local-steps`` minibatches per client; the split server takes no step."""
+        return settings.local_steps, 0
 
     def run_round(self, server_round: int, nodes: Sequence[NodeInfo], link: Link) -> dict[str, Any]:
         """``train.fedavg`` to ``nodes``, then the weighted average of the returned models."""

@@ -16,9 +16,9 @@ import torch
 from ...checkpoint import check_tensors
 from ...models.aux_head import build_aux_head
 from ..aggregation import weighted_average
-from ..base import Link, NodeInfo, ProtocolServer
+from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from .config import HeronSettings
-from .messages import HeronReply, HeronRequest
+from .messages import HeronReply, HeronRequest, upload_steps
 
 
 class HeronServer(ProtocolServer[HeronSettings]):
@@ -29,6 +29,11 @@ class HeronServer(ProtocolServer[HeronSettings]):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.aux_head = build_aux_head(self.settings.head, self.spec.z_example, self.spec.num_classes, self.run.seed)
+
+    @classmethod
+    def planned_cost(cls, settings: HeronSettings, run: RunSettings) -> tuple[int, int]:
+        """``h`` local minibatches per client; one server step per uploaded batch of every sampled client."""
+        return settings.local_steps, run.clients_per_round * len(upload_steps(settings.local_steps, settings.upload_every))
 
     def head_state(self) -> dict[str, torch.Tensor]:
         """A copy of the global ``θ_a``."""

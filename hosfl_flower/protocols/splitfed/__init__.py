@@ -12,12 +12,20 @@ from .config import SplitFedSettings
 from .server import SplitFedV1Server, SplitFedV2Server
 
 register_protocol(
-    "splitfed-v2", SplitFedV2Server, SplitFedSettings, HANDLERS,
-    "SplitFed V2: first-order clients, one server model stepped on the clients in sequence", memory_step=memory_step,
+    "splitfed-v2",
+    SplitFedV2Server,
+    SplitFedSettings,
+    HANDLERS,
+    "SplitFed V2: first-order clients, one server model stepped on the clients in sequence",
+    memory_step=memory_step,
 )
 register_protocol(
-    "splitfed-v1", SplitFedV1Server, SplitFedSettings, HANDLERS,
-    "SplitFed V1: first-order clients, one server copy per client averaged each round", memory_step=memory_step,
+    "splitfed-v1",
+    SplitFedV1Server,
+    SplitFedSettings,
+    HANDLERS,
+    "SplitFed V1: first-order clients, one server copy per client averaged each round",
+    memory_step=memory_step,
 )
 
 __all__ = ["SplitFedSettings", "SplitFedV1Server", "SplitFedV2Server"]

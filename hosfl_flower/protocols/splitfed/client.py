@@ -17,15 +17,17 @@ from flwr.app import ConfigRecord
 
 from ...models import SplitModel
 from ...node.client import HOSFLClient, OutOfSyncError
+from ...node.store import WeightTag
 from ...zo import fingerprint
-from ..messages import SmashedBatch
+from ..messages import Payload, SmashedBatch
+from ..registry import Handler
 from .config import SplitFedSettings
 from .messages import SplitFedGradReply, SplitFedGradRequest, SplitFedSmashReply, SplitFedSmashRequest
 
 if TYPE_CHECKING:
     from ...memory import MemoryCase
 
-STATE_WEIGHTS = "splitfed.weights"
+STATE_WEIGHTS = "hosfl.splitfed"
 """Node-state key of the tag of the node's current SplitFed ``θ_c`` (the tensors are in the store)."""
 
 
@@ -54,12 +56,19 @@ def keep_weights(client: HOSFLClient, server_round: int) -> None:
     client.state[STATE_WEIGHTS] = ConfigRecord({"round": tag[0], "fingerprint": tag[1]})
 
 
+def _weights_tag(client: HOSFLClient) -> WeightTag | None:
+    record = client.state.get(STATE_WEIGHTS)
+    if not isinstance(record, ConfigRecord):
+        return None
+    server_round, fp = record.get("round"), record.get("fingerprint")
+    return (server_round, fp) if isinstance(server_round, int) and isinstance(fp, str) else None
+
+
 def load_weights(client: HOSFLClient, server_round: int) -> None:
     """Load the node's ``θ_c`` of ``server_round`` into the (shared) model; :class:`OutOfSyncError` if it has none."""
-    record = client.state.get(STATE_WEIGHTS)
-    if not isinstance(record, ConfigRecord) or int(record["round"]) != server_round:
+    tag = _weights_tag(client)
+    if tag is None or tag[0] != server_round:
         raise OutOfSyncError(f"no client segment received for round {server_round}")
-    tag = (int(record["round"]), str(record["fingerprint"]))
     if client.store.holds(client.model, tag):
         return
     tensors = client.store.get(client.run_id, client.node_id, tag)
@@ -93,7 +102,7 @@ def backward(client: HOSFLClient, request: SplitFedGradRequest, server_round: in
     start = time.perf_counter()
     kept = client.take("splitfed", (server_round, request.step))
     load_weights(client, server_round)
-    inputs = {k[len("input."):]: v for k, v in kept.items()}
+    inputs = {k[len("input.") :]: v for k, v in kept.items()}
     client_step(client.model, inputs, request.activation_grad, request.lr)
     weights = None
     if request.last:
@@ -103,7 +112,7 @@ def backward(client: HOSFLClient, request: SplitFedGradRequest, server_round: in
     return SplitFedGradReply(weights, compute_seconds=time.perf_counter() - start)
 
 
-HANDLERS = {SplitFedSmashRequest: smash, SplitFedGradRequest: backward}
+HANDLERS: dict[type[Payload], Handler] = {SplitFedSmashRequest: smash, SplitFedGradRequest: backward}
 
 
 def memory_step(case: MemoryCase) -> Callable[[], SplitFedGradReply]:

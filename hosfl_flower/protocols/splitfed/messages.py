@@ -6,14 +6,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from ...records import tensors_to_record
 from ..messages import (
-    ModelSpec, Payload, Reply, ReplyError, SmashedBatch, check_state, require_record, require_tensors, require_value,
+    ModelSpec,
+    Payload,
+    Reply,
+    ReplyError,
+    SmashedBatch,
+    check_state,
+    require_record,
+    require_tensors,
+    require_value,
 )
 
 
@@ -21,20 +29,21 @@ from ..messages import (
 class SplitFedSmashReply(Reply):
     """``z = f_c(x)`` (and companions) and the labels of one step's minibatch."""
 
-    batch: SmashedBatch | None = None
+    batch: SmashedBatch
 
     categories: ClassVar[Mapping[str, str]] = {"smashed": "activations_up", "labels": "labels_up", "meta": "other"}
     lie_field: ClassVar[str | None] = "batch"
 
     @property
     def num_examples(self) -> int:
-        return self.batch.num_examples if self.batch is not None else 0
+        """Examples in the smashed minibatch."""
+        return self.batch.num_examples
 
     def to_record(self) -> RecordDict:
         return RecordDict({**self.batch.records(), "meta": self.meta(**{"num-examples": self.num_examples})})
 
     @classmethod
-    def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> "SplitFedSmashReply":
+    def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> SplitFedSmashReply:
         meta = require_record(content, "meta", ConfigRecord)
         batch = SmashedBatch.read(content, spec)
         if int(require_value(meta, "num-examples", int)) != batch.num_examples:
@@ -54,13 +63,13 @@ class SplitFedSmashRequest(Payload):
     categories: ClassVar[Mapping[str, str]] = {"arrays": "model_down", "step": "other"}
 
     def to_record(self) -> RecordDict:
-        records = {"step": ConfigRecord({"step": self.step})}
+        records: dict[str, Any] = {"step": ConfigRecord({"step": self.step})}
         if self.weights is not None:
             records["arrays"] = tensors_to_record(self.weights)
         return RecordDict(records)
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "SplitFedSmashRequest":
+    def from_record(cls, content, request=None, spec=None) -> SplitFedSmashRequest:
         step = int(require_value(require_record(content, "step", ConfigRecord), "step", int))
         return cls(step, require_tensors(content, "arrays") if "arrays" in content else None)
 
@@ -74,16 +83,17 @@ class SplitFedGradReply(Reply):
     categories: ClassVar[Mapping[str, str]] = {"arrays": "model_up", "meta": "other"}
 
     def to_record(self) -> RecordDict:
-        records = {"meta": self.meta()}
+        records: dict[str, Any] = {"meta": self.meta()}
         if self.weights is not None:
             records["arrays"] = tensors_to_record(self.weights)
         return RecordDict(records)
 
     @classmethod
-    def from_record(cls, content, request: "SplitFedGradRequest | None" = None, spec: ModelSpec | None = None) -> "SplitFedGradReply":
+    def from_record(cls, content, request: Payload | None = None, spec: ModelSpec | None = None) -> SplitFedGradReply:
+        """The reply to the last step must carry ``arrays``: a client segment of the model's layout."""
         meta = require_record(content, "meta", ConfigRecord)
         weights = None
-        if request is None or request.last:
+        if "arrays" in content or (isinstance(request, SplitFedGradRequest) and request.last):
             weights = require_tensors(content, "arrays")
             if spec is not None:
                 check_state(weights, spec.client_state, "client segment")
@@ -108,12 +118,14 @@ class SplitFedGradRequest(Payload):
         return RecordDict({"activation-grad": tensors_to_record({"z": self.activation_grad}), "step": step})
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "SplitFedGradRequest":
+    def from_record(cls, content, request=None, spec=None) -> SplitFedGradRequest:
         step = require_record(content, "step", ConfigRecord)
         lam = require_tensors(content, "activation-grad").get("z")
         if lam is None:
             raise ReplyError("malformed", "missing activation-grad.z")
         return cls(
-            lam, int(require_value(step, "step", int)), float(require_value(step, "lr", (int, float))),
+            lam,
+            int(require_value(step, "step", int)),
+            float(require_value(step, "lr", (int, float))),
             bool(require_value(step, "last", bool)),
         )

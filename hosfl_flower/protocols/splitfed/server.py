@@ -18,7 +18,7 @@ import torch
 
 from ...split_server import RaySplitServer, SplitServer, StepResult, average_states, step_each
 from ..aggregation import weighted_average
-from ..base import Link, NodeInfo, ProtocolServer
+from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from .config import SplitFedSettings
 from .messages import SplitFedGradReply, SplitFedGradRequest, SplitFedSmashRequest
 
@@ -35,6 +35,11 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
         super().__init__(*args, **kwargs)
         self._snapshot: dict | None = None
 
+    @classmethod
+    def planned_cost(cls, settings: SplitFedSettings, run: RunSettings) -> tuple[int, int]:
+        """``splitfed.local-steps`` minibatches per client; one server step per client per step (V1: on its copy)."""
+        return settings.local_steps, run.clients_per_round * settings.local_steps
+
     # ------------------------------------------------------------------ what V1 changes
     def begin_round(self, nodes: Sequence[NodeInfo]) -> None:
         """Called before the first step of a round; V2 keeps ``θ_s`` as it was, in case the round is skipped."""
@@ -47,7 +52,7 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
     def end_round(self, finished: Sequence[NodeInfo], weights: Sequence[float]) -> None:
         """Called once per round after the client segments are averaged; with no nodes the round was
         skipped and ``θ_s`` goes back to its state at the start of the round."""
-        if not finished:
+        if not finished and self._snapshot is not None:
             self.split_server.load_state(self._snapshot)
         self._snapshot = None
 
@@ -58,11 +63,10 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
         losses: list[float] = []
         self.begin_round(nodes)
         finished = self.train_steps(server_round, nodes, link, metrics, losses)
-        if finished is not None:
-            metrics["finished"] = len(finished)
         if finished is not None and self.enough(finished, "final", metrics):
             weights = self.weights(server_round, [node.num_examples for node in finished])
-            self.model.load_client_state(weighted_average([reply.weights for reply in finished.values()], weights))
+            states = [reply.weights for reply in finished.values() if reply.weights is not None]
+            self.model.load_client_state(weighted_average(states, weights))
             self.end_round(list(finished), weights)
         else:
             self.end_round([], [])
@@ -75,12 +79,15 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
         self, server_round: int, nodes: Sequence[NodeInfo], link: Link, metrics: dict[str, Any], losses: list[float]
     ) -> dict[NodeInfo, SplitFedGradReply] | None:
         """The round's steps: the last step's gradient replies, or ``None`` if an exchange had too few."""
-        replies: dict[NodeInfo, Any] | None = dict.fromkeys(nodes)
+        replies: dict[NodeInfo, SplitFedGradReply] | None = None
+        active = list(nodes)
         for step in range(self.settings.local_steps):
-            replies = self.train_step(server_round, step, list(replies), link, metrics, losses)
+            replies = self.train_step(server_round, step, active, link, metrics, losses)
             last = step == self.settings.local_steps - 1
             if replies is None or (not last and not self.enough(replies, "gradient", metrics)):
                 return None
+            active = list(replies)
+        metrics["finished"] = len(active)
         return replies
 
     def train_step(
@@ -114,7 +121,7 @@ class SplitFedV1Server(SplitFedV2Server):
 
     def begin_round(self, nodes: Sequence[NodeInfo]) -> None:
         """One server copy per node; ``θ_s`` itself changes only when the copies are averaged."""
-        copies = self.split_server.copies(len(nodes))
+        copies: Sequence[SplitServer | RaySplitServer] = self.split_server.copies(len(nodes))
         self._copies = {node.node_id: server for node, server in zip(nodes, copies)}
 
     def server_steps(self, nodes: Sequence[NodeInfo], batches: Sequence[Batch]) -> list[StepResult]:

@@ -38,11 +38,13 @@ class ZOSmashReply(SmashReply):
         smashed = reply.batch.smashed
         count = len(request.seeds) if request is not None else sum(k.startswith(PERTURBED_PREFIX) for k in smashed)
         tildes = [smashed.pop(f"{PERTURBED_PREFIX}{p}", None) for p in range(count)]
+        if any(t is None for t in tildes) or any(k.startswith(PERTURBED_PREFIX) for k in smashed):
+            raise ReplyError("wrong-count", f"expected exactly {count} perturbed activations")
         z = smashed["z"]
-        if any(t is None or t.shape != z.shape or t.dtype != z.dtype for t in tildes):
-            raise ReplyError("wrong-count", f"expected {count} perturbed activations shaped like z")
-        if any(k.startswith(PERTURBED_PREFIX) for k in smashed):
-            raise ReplyError("wrong-count", "more perturbed activations than seeds")
+        if any(t.dtype != z.dtype for t in tildes):
+            raise ReplyError("wrong-dtype", "perturbed activations differ from z in dtype")
+        if any(t.shape != z.shape for t in tildes):
+            raise ReplyError("wrong-shape", "perturbed activations differ from z in shape")
         reply.perturbed = tildes
         return reply
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...zo import LedgerEntry, fingerprint
-from ..base import Link, NodeInfo
+from ..base import Link, NodeInfo, RunSettings
 from ..hosfl.server import HOSFLServer
 from .config import ZOSFLSettings
 from .messages import ZOSmashReply, ZOSmashRequest
@@ -25,6 +25,11 @@ class ZOSFLServer(HOSFLServer):
 
     name = "zo-sfl"
     settings: ZOSFLSettings
+
+    @classmethod
+    def planned_cost(cls, settings: ZOSFLSettings, run: RunSettings) -> tuple[int, int]:
+        """One minibatch per client; one zeroth-order server step (none with no directions)."""
+        return 1, 1 if settings.num_perturbations > 0 else 0
 
     def zo_smash(self, nodes: Sequence[NodeInfo], link: Link, seeds: tuple[int, ...]) -> dict[NodeInfo, ZOSmashReply]:
         """``train.zo_smash`` to ``nodes``: the replies of nodes at the server's version."""
