@@ -13,7 +13,7 @@ from hosfl_flower.compare import main
 from hosfl_flower.config import resolve_run_config
 from hosfl_flower.report import RunSummary, StrategyResults, accuracy_band, spread, worst_run, write_report
 from hosfl_flower.round_cost import rounds_for_budget, samples_per_round, server_steps_per_round
-from hosfl_flower.strategies.heron import upload_steps
+from hosfl_flower.protocols.heron.messages import upload_steps
 
 from .conftest import BIN, ROOT, subprocess_env
 

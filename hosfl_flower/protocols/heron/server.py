@@ -57,7 +57,9 @@ class HeronServer(ProtocolServer[HeronSettings]):
         weights = self.weights(server_round, [node.num_examples for node in replies])
         self.model.load_client_state(weighted_average([r.client_state for r in replies.values()], weights))
         self.aux_head.load_state_dict(weighted_average([r.head_state for r in replies.values()], weights))
-        metrics.update({"server-batches": len(losses), "server-steps": len(losses), "train-loss": sum(losses) / len(losses)})
+        metrics.update({"server-batches": len(losses), "server-steps": len(losses)})
+        if losses:
+            metrics["train-loss"] = sum(losses) / len(losses)
         return metrics
 
     # ------------------------------------------------------------------ checkpoints: the auxiliary head
