@@ -101,10 +101,17 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
     return content
 
 
-def check_same_run(path: str | Path, saved: Mapping[str, Any], config: Mapping[str, Any]) -> None:
-    """Raise :class:`CheckpointError` naming every key (outside :data:`RESUMABLE_KEYS`) that differs."""
+def check_same_run(
+    path: str | Path, saved: Mapping[str, Any], config: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+) -> None:
+    """Raise :class:`CheckpointError` naming every key (outside :data:`RESUMABLE_KEYS`) that differs.
+
+    A key only one side has (a protocol registered in one process and not the other) counts as its
+    default in ``defaults``.
+    """
+    defaults = defaults or {}
     keys = sorted((set(saved) | set(config)) - RESUMABLE_KEYS)
-    differing = [key for key in keys if saved.get(key) != config.get(key)]
+    differing = [key for key in keys if saved.get(key, defaults.get(key)) != config.get(key, defaults.get(key))]
     if differing:
         shown = ", ".join(f"{key}={saved.get(key)!r} there, {config.get(key)!r} here" for key in differing[:4])
         more = f" (and {len(differing) - 4} more)" if len(differing) > 4 else ""

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from flwr.common.logger import log
 
+from ..config import all_options
 from ..checkpoint import CheckpointError, check_same_run, check_tensors, checkpoint_path, read_checkpoint, save_checkpoint
 
 STATE_KEYS = ("server", "client", "schedule", "torch-rng", "history", "evaluations", "skipped-in-a-row", "protocol")
@@ -71,7 +72,8 @@ class CheckpointMixin:
         """
         directory = self.cfg["checkpoint-dir"]
         content = read_checkpoint(directory)
-        check_same_run(checkpoint_path(directory), content["config"], self.cfg)
+        defaults = {key: option.default for key, option in all_options().items()}
+        check_same_run(checkpoint_path(directory), content["config"], self.cfg, defaults)
         saved_round = int(content["round"])
         if saved_round >= self.num_rounds:
             raise CheckpointError(
