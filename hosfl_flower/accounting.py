@@ -20,6 +20,7 @@ CATEGORIES = (
     "other",
 )
 
+
 def record_bytes(record) -> int:
     """``record.count_bytes()``; for config/metric records Flower cannot count (empty strings or
     lists, which a misbehaving node may send), the same rule applied value by value."""

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 from flwr.app import Context
-from flwr.common.logger import log
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import resolve_run_config
@@ -27,7 +27,9 @@ def build_strategy(run_config: Mapping[str, Any], strategy_class: type[HOSFLStra
     return strategy_class(model, test, config)
 
 
-def build_server_app(overrides: Mapping[str, Any] | None = None, strategy_class: type[HOSFLStrategy] = HOSFLStrategy) -> ServerApp:
+def build_server_app(
+    overrides: Mapping[str, Any] | None = None, strategy_class: type[HOSFLStrategy] = HOSFLStrategy
+) -> ServerApp:
     """A ``ServerApp`` that validates the run config, builds the strategy (``strategy_class``) and runs it."""
     app = ServerApp()
 
@@ -38,8 +40,13 @@ def build_server_app(overrides: Mapping[str, Any] | None = None, strategy_class:
         strategy = build_strategy(config, strategy_class)
         result = strategy.start(grid=grid, num_rounds=config["num-server-rounds"])
         last = max(result.evaluate_metrics_serverapp)
-        log(INFO, "[%s] finished: test accuracy %.4f after %d rounds", strategy.name,
-            result.evaluate_metrics_serverapp[last]["accuracy"], last)
+        log(
+            INFO,
+            "[%s] finished: test accuracy %.4f after %d rounds",
+            strategy.name,
+            result.evaluate_metrics_serverapp[last]["accuracy"],
+            last,
+        )
 
     return app
 

@@ -11,8 +11,9 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import resolve_run_config
 from .protocols.registry import protocols
@@ -28,15 +29,19 @@ def memory_method(strategy: str) -> str:
     return strategy if protocols()[strategy].memory_step is not None else "inference"
 
 
-def run_strategy(
-    strategy: str, run_configs: list[str], overrides: str, results: Path, num_supernodes: int, label: str
-) -> int:
+def run_strategy(strategy: str, run_configs: list[str], overrides: str, results: Path, num_supernodes: int, label: str) -> int:
     """Run one strategy with ``flower-simulation`` in a subprocess, showing its progress round by round.
 
     ``overrides`` (``key=value ...``) are applied after ``run_configs``; the output goes to ``results/run.log``.
     """
     command = [
-        sys.executable, "-m", "hosfl_flower.cli", "--app", "hosfl_flower.app", "--num-supernodes", str(num_supernodes),
+        sys.executable,
+        "-m",
+        "hosfl_flower.cli",
+        "--app",
+        "hosfl_flower.app",
+        "--num-supernodes",
+        str(num_supernodes),
     ]
     for item in run_configs:
         command += ["--run-config", item]
@@ -45,8 +50,11 @@ def run_strategy(
     started = time.monotonic()
     results.mkdir(parents=True, exist_ok=True)
     log_path = results / "run.log"
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process, \
-            open(log_path, "w") as log:
+    with (
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as process,
+        open(log_path, "w") as log,
+    ):
+        assert process.stdout is not None
         for line in process.stdout:
             log.write(line)
             match = ROUND_LINE.search(line)
@@ -80,89 +88,112 @@ def parse_budget(text: str) -> int:
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr and exit code 2."""
 
-    def error(self, message: str) -> None:
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"hosfl compare: {message}\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Console entry point: ``hosfl compare ...``."""
+def build_parser() -> argparse.ArgumentParser:
+    """``hosfl compare``'s command line."""
     parser = _Parser(prog="hosfl", description="hosfl-flower tools")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     compare = commands.add_parser("compare", help=__doc__.splitlines()[0])
     compare.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated strategies")
+    compare.add_argument("--seeds", metavar="S,S,...", help="one run per strategy and seed (default: the run config's seed)")
     compare.add_argument(
-        "--seeds", metavar="S,S,...", help="one run per strategy and seed (default: the run config's seed)"
-    )
-    compare.add_argument(
-        "--budget-samples", metavar="N",
+        "--budget-samples",
+        metavar="N",
         help="give each strategy ceil(N / its samples per round) rounds instead of num-server-rounds",
     )
     compare.add_argument(
-        "--report-only", action="store_true",
+        "--report-only",
+        action="store_true",
         help="run nothing: write the report from the runs already in --out (<strategy>/seed-<s>/rounds.jsonl)",
     )
     compare.add_argument("--num-supernodes", type=int, default=10)
     compare.add_argument(
-        "--jobs", type=int, default=1,
+        "--jobs",
+        type=int,
+        default=1,
         help="simulations run at the same time (a run mostly waits on Flower's message polling, so 2 suit 2 cores)",
     )
     compare.add_argument("--run-config", action="append", default=[], help="shared run config (key=value ... or a .toml file)")
     compare.add_argument("--out", default="reports/compare", help="report directory")
     compare.add_argument("--target-accuracy", type=float, default=0.8)
     compare.add_argument("--no-memory", action="store_true", help="skip the client peak-memory measurement")
-    args = parser.parse_args(argv)
+    return parser
 
+
+@dataclass(frozen=True)
+class Plan:
+    """What a comparison runs: the strategies, the shared run config, the seeds and each strategy's rounds."""
+
+    strategies: list[str]
+    shared: dict[str, Any]
+    config: dict[str, Any]
+    seeds: list[int]
+    budget: int | None
+    rounds: dict[str, int]
+
+    @property
+    def runs(self) -> list[tuple[int, str]]:
+        return [(seed, strategy) for seed in self.seeds for strategy in self.strategies]
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    """Validate the command line into a :class:`Plan` (``ValueError`` — a ``ConfigError`` included — on bad input)."""
     from .cli import _read_overrides
-    from .report import StrategyResults, load_run, write_report
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    try:
-        registered = protocols()
-        unknown = [s for s in strategies if s not in registered]
-        if unknown or not strategies:
-            raise ValueError(f"--strategies {args.strategies!r}: must be among {', '.join(registered)}")
-        shared: dict[str, Any] = {}
-        for item in args.run_config:
-            shared.update(_read_overrides(item))
-        config = resolve_run_config(shared)
-        seeds = parse_seeds(args.seeds) if args.seeds is not None else [config["seed"]]
-        budget = parse_budget(args.budget_samples) if args.budget_samples is not None else None
-        if args.jobs < 1:
-            raise ValueError(f"--jobs {args.jobs}: must be a positive integer")
-        rounds = {
-            s: rounds_for_budget(s, config, budget) if budget is not None else config["num-server-rounds"]
-            for s in strategies
-        }
-        for strategy in strategies:
-            for seed in seeds:
-                resolve_run_config(shared, {"strategy": strategy, "seed": seed, "num-server-rounds": rounds[strategy]})
-    except ValueError as error:  # ConfigError included
-        print(f"hosfl compare: {error}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    if config["model"].startswith("pretrained-") and not args.report_only:
+    registered = protocols()
+    unknown = [s for s in strategies if s not in registered]
+    if unknown or not strategies:
+        raise ValueError(f"--strategies {args.strategies!r}: must be among {', '.join(registered)}")
+    shared: dict[str, Any] = {}
+    for item in args.run_config:
+        shared.update(_read_overrides(item))
+    config = resolve_run_config(shared)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [config["seed"]]
+    budget = parse_budget(args.budget_samples) if args.budget_samples is not None else None
+    if args.jobs < 1:
+        raise ValueError(f"--jobs {args.jobs}: must be a positive integer")
+    rounds = {s: rounds_for_budget(s, config, budget) if budget is not None else config["num-server-rounds"] for s in strategies}
+    for strategy in strategies:
+        for seed in seeds:
+            resolve_run_config(shared, {"strategy": strategy, "seed": seed, "num-server-rounds": rounds[strategy]})
+    return Plan(strategies, shared, config, seeds, budget, rounds)
+
+
+def run_all(plan: Plan, args: argparse.Namespace, out: Path) -> set[tuple[str, int]]:
+    """Run (or, with ``--report-only``, find) every strategy and seed; return the failed ones."""
+    runs = plan.runs
+    if args.report_only:  # the runs are already there (a missing one is reported as failed)
+        return {(strategy, seed) for seed, strategy in runs if not (out / strategy / f"seed-{seed}" / "rounds.jsonl").is_file()}
+    if plan.config["model"].startswith("pretrained-"):
         from .task import model_source  # the checkpoint is built once here (its cost printed), not raced by the runs
 
-        print(f"starting point: {model_source(config)}", flush=True)
-    runs = [(seed, strategy) for seed in seeds for strategy in strategies]
+        print(f"starting point: {model_source(plan.config)}", flush=True)
 
     def run(numbered: tuple[int, tuple[int, str]]) -> tuple[str, int] | None:
         number, (seed, strategy) = numbered
         label = f"[{number}/{len(runs)}] {strategy:<14} seed {seed}"
-        overrides = f"seed={seed} num-server-rounds={rounds[strategy]}"
+        overrides = f"seed={seed} num-server-rounds={plan.rounds[strategy]}"
         code = run_strategy(strategy, args.run_config, overrides, out / strategy / f"seed-{seed}", args.num_supernodes, label)
         return (strategy, seed) if code else None
 
-    if args.report_only:  # the runs are already there (a missing one is reported as failed)
-        failed = {(strategy, seed) for seed, strategy in runs if not (out / strategy / f"seed-{seed}" / "rounds.jsonl").is_file()}
-    else:
-        with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own flower-simulation process
-            failed = {item for item in pool.map(run, enumerate(runs, start=1)) if item is not None}
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own flower-simulation process
+        return {item for item in pool.map(run, enumerate(runs, start=1)) if item is not None}
+
+
+def collect(plan: Plan, args: argparse.Namespace, out: Path, failed: set[tuple[str, int]]) -> list:
+    """Each strategy's runs (and its client peak memory unless ``--no-memory``)."""
+    from .report import StrategyResults, load_run
+
     results = []
-    for strategy in strategies:
+    for strategy in plan.strategies:
         runs = [
             load_run(strategy, seed, out / strategy / f"seed-{seed}", args.target_accuracy)
-            for seed in seeds if (strategy, seed) not in failed
+            for seed in plan.seeds
+            if (strategy, seed) not in failed
         ]
         if not runs:
             continue
@@ -170,16 +201,37 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_memory:
             from .memory import measure_client_peak
 
-            memory = int(measure_client_peak(memory_method(strategy), {**shared, "strategy": strategy})["bytes"])
+            memory = int(measure_client_peak(memory_method(strategy), {**plan.shared, "strategy": strategy})["bytes"])
         results.append(StrategyResults(strategy, runs, memory))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: ``hosfl compare ...``."""
+    args = build_parser().parse_args(argv)
+    try:
+        plan = make_plan(args)
+    except ValueError as error:  # ConfigError included
+        print(f"hosfl compare: {error}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    failed = run_all(plan, args, out)
+    results = collect(plan, args, out, failed)
+    config = plan.config
     setup = {
-        "model": config["model"], "cut-layer": config["cut-layer"], "dataset": config["dataset"],
+        "model": config["model"],
+        "cut-layer": config["cut-layer"],
+        "dataset": config["dataset"],
         "partitioner": config["partitioner"],
-        "rounds": "per strategy (see the budget)" if budget is not None else config["num-server-rounds"],
-        "nodes": args.num_supernodes, "clients per round": config["clients-per-round"], "batch size": config["batch-size"],
+        "rounds": "per strategy (see the budget)" if plan.budget is not None else config["num-server-rounds"],
+        "nodes": args.num_supernodes,
+        "clients per round": config["clients-per-round"],
+        "batch size": config["batch-size"],
     }
     if results:
-        report = write_report(out, results, setup, seeds, budget)
+        from .report import write_report
+
+        report = write_report(out, results, setup, plan.seeds, plan.budget)
         print(f"report: {report}")
         print(next(block for block in report.read_text().split("\n\n") if block.startswith("| strategy")))
     if failed:

@@ -26,8 +26,14 @@ DEFAULT_CUT = 2
 CORE_OPTIONS: dict[str, Option] = {
     "strategy": Option("hosfl", "which registered protocol to run"),
     "model": Option("cnn", "cnn, resnet, a tiny-* transformer, or a Hugging Face hub name or local directory"),
-    "pretrain.cache-dir": Option("", "where pretrained-* checkpoints are built and cached (empty: $HOSFL_FLOWER_CACHE or ~/.cache/hosfl-flower)"),
-    "cut-layer": Option(0, "the client segment is the model's first cut-layer blocks (0: the model's default cut, 3 for cnn, 2 otherwise)", minimum=0),
+    "pretrain.cache-dir": Option(
+        "", "where pretrained-* checkpoints are built and cached (empty: $HOSFL_FLOWER_CACHE or ~/.cache/hosfl-flower)"
+    ),
+    "cut-layer": Option(
+        0,
+        "the client segment is the model's first cut-layer blocks (0: the model's default cut, 3 for cnn, 2 otherwise)",
+        minimum=0,
+    ),
     "task": Option("classification", "transformer task: classification, causal-lm or verbalizer", choices=TASKS),
     "dataset": Option("digits", "digits, sentiment (both bundled), or a Hugging Face dataset name or local path"),
     "max-length": Option(24, "token length text is padded or truncated to", minimum=2),
@@ -40,7 +46,9 @@ CORE_OPTIONS: dict[str, Option] = {
     "lora.targets": Option("", "comma-separated LoRA target modules (empty: the family's default)"),
     "partitioner": Option("iid", "how training data is split across nodes", choices=PARTITIONERS),
     "dirichlet-alpha": Option(0.3, "Dirichlet concentration for partitioner=dirichlet", minimum=0.0, exclusive_minimum=True),
-    "test-fraction": Option(0.2, "held-out share of the data for central evaluation", minimum=0.0, maximum=0.9, exclusive_minimum=True),
+    "test-fraction": Option(
+        0.2, "held-out share of the data for central evaluation", minimum=0.0, maximum=0.9, exclusive_minimum=True
+    ),
     "min-nodes": Option(0, "wait for this many nodes before round 1 (0: clients-per-round)", minimum=0),
     "eval-every": Option(1, "central evaluation every this many rounds", minimum=1),
     "eval-batch-size": Option(512, "batch size of central evaluation", minimum=1),
@@ -48,16 +56,24 @@ CORE_OPTIONS: dict[str, Option] = {
     "server.lr": Option(0.02, "server learning rate", minimum=0.0),
     "server.momentum": Option(0.9, "server SGD momentum", minimum=0.0, maximum=1.0),
     "server.weight-decay": Option(0.0, "server weight decay", minimum=0.0),
-    "split-server.placement": Option("local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS),
-    "torch-threads": Option(1, "torch intra-op threads of the server and every client (results are bit-exact per setting)", minimum=1),
+    "split-server.placement": Option(
+        "local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS
+    ),
+    "torch-threads": Option(
+        1, "torch intra-op threads of the server and every client (results are bit-exact per setting)", minimum=1
+    ),
     "round-timeout": Option(600.0, "seconds to wait for replies in one exchange", minimum=0.0, exclusive_minimum=True),
     "max-skipped-rounds": Option(10, "stop with an error after this many skipped rounds in a row", minimum=1),
     "checkpoint-every": Option(0, "write a checkpoint every this many rounds (0: never)", minimum=0),
     "checkpoint-dir": Option("checkpoints", "where checkpoints are written and resumed from"),
     "resume": Option(False, "continue the run saved in checkpoint-dir"),
-    "faults.failure-rate": Option(0.0, "fault injection: share of protocol replies that fail (testing only)", minimum=0.0, maximum=1.0),
+    "faults.failure-rate": Option(
+        0.0, "fault injection: share of protocol replies that fail (testing only)", minimum=0.0, maximum=1.0
+    ),
     "faults.nan-partition": Option(-1, "fault injection: this partition's replies carry NaN values (-1: none)", minimum=-1),
-    "faults.wrong-count-partition": Option(-1, "fault injection: this partition replies with one value too few (-1: none)", minimum=-1),
+    "faults.wrong-count-partition": Option(
+        -1, "fault injection: this partition replies with one value too few (-1: none)", minimum=-1
+    ),
     "results-dir": Option("results", "where per-round results and the final model are written"),
 }
 
@@ -130,9 +146,7 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
         if config["task"] == "verbalizer" and dataset != "sentiment" and not config["data.label-words"]:
             raise ConfigError("data.label-words", "", "task=verbalizer needs one label word per class")
     if config["min-replies"] > config["clients-per-round"]:
-        raise ConfigError(
-            "min-replies", config["min-replies"], f"must be <= clients-per-round ({config['clients-per-round']})"
-        )
+        raise ConfigError("min-replies", config["min-replies"], f"must be <= clients-per-round ({config['clients-per-round']})")
     if config["checkpoint-every"] or config["resume"]:
         key = "resume" if config["resume"] else "checkpoint-every"
         if not config["checkpoint-dir"]:

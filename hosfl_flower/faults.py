@@ -40,12 +40,15 @@ def fault_draw(seed: int, server_round: int, partition_id: int, message_type: st
 
 def _server_round(message: Message) -> int:
     config = message.content.config_records.get("config")
-    if config is not None and "server-round" in config:
-        return int(config["server-round"])
+    value = config.get("server-round") if config is not None else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     return int(message.metadata.group_id) if message.metadata.group_id.isdigit() else 0
 
 
-def fault_mod(config: Mapping[str, Any], message: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+def fault_mod(
+    config: Mapping[str, Any], message: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
     """Run ``call_next`` unless ``faults.failure-rate`` makes this ``train.*`` reply fail."""
     rate = config["faults.failure-rate"]
     if rate == 0.0 or not message.metadata.message_type.startswith("train"):
@@ -70,7 +73,8 @@ def lie(config: Mapping[str, Any], partition_id: int, message_type: str, reply: 
         how = "short"
     else:
         return reply
-    return dataclasses.replace(reply, **{reply.lie_field: _corrupt(getattr(reply, reply.lie_field), how)})
+    lied: Any = reply  # every Payload is a dataclass
+    return dataclasses.replace(lied, **{reply.lie_field: _corrupt(getattr(reply, reply.lie_field), how)})
 
 
 def _corrupt(value: Any, how: str) -> Any:

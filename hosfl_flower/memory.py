@@ -102,7 +102,7 @@ def measure_client_peak(
     result = None
     for line in process.stdout.splitlines():
         if line.startswith(_RESULT_MARKER):
-            result = json.loads(line[len(_RESULT_MARKER):])
+            result = json.loads(line[len(_RESULT_MARKER) :])
     if process.returncode != 0 or result is None:
         tail = (process.stderr or process.stdout).strip().splitlines()[-15:]
         raise RuntimeError(f"memory worker for {method!r} failed (exit {process.returncode}):\n" + "\n".join(tail))
@@ -232,7 +232,10 @@ class MemoryCase:
         from .node.store import WeightStore
 
         return HOSFLClient(
-            self.task.model, self.train, ClientSettings.from_config(self.cfg, 0), self.task.initial_client_state,
+            self.task.model,
+            self.train,
+            ClientSettings.from_config(self.cfg, 0),
+            self.task.initial_client_state,
             store=WeightStore(None, memory_versions=1),
         )
 
@@ -276,7 +279,12 @@ def build_case(
     server_round, schedule = 2, RoundSchedule(cfg["seed"])
     seeds = schedule.seeds(cfg["zo.num-perturbations"])
     previous = LedgerEntry(
-        server_round - 1, schedule.seeds(len(seeds)), tuple(1e-3 for _ in seeds), cfg["client.lr"], cfg["zo.mu"], cfg["zo.directions"]
+        server_round - 1,
+        schedule.seeds(len(seeds)),
+        tuple(1e-3 for _ in seeds),
+        cfg["client.lr"],
+        cfg["zo.mu"],
+        cfg["zo.directions"],
     )
     batch = sample_batch(train, cfg["batch-size"], cfg["seed"], 0, server_round)
     with torch.no_grad():
@@ -296,7 +304,9 @@ def build_case(
 
         return step, info
     case = MemoryCase(cfg, task, train, server_round, tuple(seeds), previous, z_example, lam)
-    return protocols()[method].memory_step(case), info
+    memory_step = protocols()[method].memory_step
+    assert memory_step is not None  # all_methods() lists only protocols with one
+    return memory_step(case), info
 
 
 def all_methods() -> tuple[str, ...]:
@@ -377,7 +387,9 @@ def _mib(count: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     """``python -m hosfl_flower.memory [--method M ...] [--run-config "k=v ..."] [--repeats N] [--json]``."""
     parser = argparse.ArgumentParser(prog="python -m hosfl_flower.memory", description=__doc__.splitlines()[0])
-    parser.add_argument("--method", action="append", help="a registered protocol or inference; repeatable (default: the six methods)")
+    parser.add_argument(
+        "--method", action="append", help="a registered protocol or inference; repeatable (default: the six methods)"
+    )
     parser.add_argument("--run-config", default="", help='run-config overrides, e.g. "batch-size=1024"')
     parser.add_argument("--repeats", type=int, default=3, help="measured steps per case (median reported)")
     parser.add_argument("--num-partitions", type=int, default=1, help="partitions of the training data (node 0 is measured)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from logging import INFO
 from pathlib import Path
 from typing import Any, cast
@@ -26,7 +26,7 @@ class RunRecorder:
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "rounds.jsonl").write_text("")
 
-    def restore(self, rows: list[Mapping[str, Any]]) -> None:
+    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Start from the rows of a resumed run (written again, not logged)."""
         self.rows = [dict(row) for row in rows]
         if self.directory is not None:
@@ -71,7 +71,7 @@ class RunRecorder:
         (self.directory / "summary.json").write_text(json.dumps(summary, indent=2))
 
 
-def numeric(row: Mapping[str, Any]) -> dict[str, float | int]:
+def numeric(row: Mapping[str, Any]) -> dict[str, Any]:
     """The finite int/float entries of a row (what a ``MetricRecord`` can hold)."""
     return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 

@@ -76,14 +76,22 @@ class InProcessLink(Link):
         return kept
 
 
-def build_reference_nodes(cfg: Mapping[str, Any], num_partitions: int, client_class: type[HOSFLClient] = HOSFLClient) -> dict[int, HOSFLClient]:
+def build_reference_nodes(
+    cfg: Mapping[str, Any], num_partitions: int, client_class: type[HOSFLClient] = HOSFLClient
+) -> dict[int, HOSFLClient]:
     """One client per partition (node id = partition id), sharing one model as a Flower process's nodes do."""
     task = client_task(cfg, num_partitions)
     store, run_id = WeightStore(None), f"reference-{next(_RUNS)}"
     return {
         pid: client_class(
-            task.model, task.data.partition(pid), ClientSettings.from_config(cfg, pid, num_partitions),
-            task.initial_client_state, RecordDict(), store, run_id, pid,
+            task.model,
+            task.data.partition(pid),
+            ClientSettings.from_config(cfg, pid, num_partitions),
+            task.initial_client_state,
+            RecordDict(),
+            store,
+            run_id,
+            pid,
         )
         for pid in range(num_partitions)
     }
@@ -104,7 +112,10 @@ def run_reference(
     model, test = server_model_and_test(cfg)
     run, schedule = RunSettings.from_config(cfg), RoundSchedule(cfg["seed"])
     server = SplitServer(
-        model, optimizer=cfg["server.optimizer"], lr=cfg["server.lr"], momentum=cfg["server.momentum"],
+        model,
+        optimizer=cfg["server.optimizer"],
+        lr=cfg["server.lr"],
+        momentum=cfg["server.momentum"],
         weight_decay=cfg["server.weight-decay"],
     )
     model_spec = ModelSpec.of(model, test.take(torch.arange(1)).inputs)

@@ -166,18 +166,7 @@ def plain(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.2f}"
 
 
-def write_report(
-    out: Path,
-    results: Sequence[StrategyResults],
-    setup: Mapping[str, Any],
-    seeds: Sequence[int],
-    budget_samples: int | None = None,
-) -> Path:
-    """Write ``report.md`` and the PNG plots into ``out``; return the report's path."""
-    out.mkdir(parents=True, exist_ok=True)
-    plots = _plot(out, results)
-    target = results[0].runs[0].target if results else 0.0
-    columns = metrics(target)
+def _intro(results: Sequence[StrategyResults], setup: Mapping[str, Any], seeds: Sequence[int], budget: int | None) -> list[str]:
     lines = ["# Strategy comparison", "", "Setup: " + ", ".join(f"{k} = {v}" for k, v in setup.items()), ""]
     seed_list = ", ".join(str(s) for s in seeds)
     if len(seeds) == 1:
@@ -189,13 +178,18 @@ def write_report(
             "final accuracy, and that accuracy.",
             "",
         ]
-    if budget_samples is not None:
+    if budget is not None:
         rounds = ", ".join(f"{r.strategy} {plain(r.mean(lambda run: run.rounds))}" for r in results)
         lines += [
-            f"Budget: {budget_samples} processed training examples per run; each strategy runs "
-            f"ceil({budget_samples} / samples per round) rounds: {rounds}.",
+            f"Budget: {budget} processed training examples per run; each strategy runs "
+            f"ceil({budget} / samples per round) rounds: {rounds}.",
             "",
         ]
+    return lines
+
+
+def _main_table(results: Sequence[StrategyResults], seeds: Sequence[int]) -> list[str]:
+    columns = metrics(results[0].runs[0].target if results else 0.0)
     header = [
         "strategy",
         *(name for name, _ in PROTOCOL_COLUMNS),
@@ -203,7 +197,7 @@ def write_report(
         "worst seed (final acc)",
         "client peak memory",
     ]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         name = r.strategy if len(r.runs) == len(seeds) else f"{r.strategy} ({len(r.runs)}/{len(seeds)} seeds)"
         worst = worst_run(r.runs)
@@ -215,10 +209,28 @@ def write_report(
             human_bytes(r.peak_memory) if r.peak_memory is not None else "not measured",
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Total bytes per category (both directions, every record of every message; mean over seeds):", ""]
+    return lines
+
+
+def _category_table(results: Sequence[StrategyResults]) -> list[str]:
+    lines = ["", "Total bytes per category (both directions, every record of every message; mean over seeds):", ""]
     lines += ["| strategy | " + " | ".join(CATEGORIES) + " |", "|" + "---|" * (len(CATEGORIES) + 1)]
     for r in results:
         lines.append(f"| {r.strategy} | " + " | ".join(human_bytes(r.mean(_category(c))) for c in CATEGORIES) + " |")
+    return lines
+
+
+def write_report(
+    out: Path,
+    results: Sequence[StrategyResults],
+    setup: Mapping[str, Any],
+    seeds: Sequence[int],
+    budget_samples: int | None = None,
+) -> Path:
+    """Write ``report.md`` and the PNG plots into ``out``; return the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = _plot(out, results)
+    lines = _intro(results, setup, seeds, budget_samples) + _main_table(results, seeds) + _category_table(results)
     lines += [
         "",
         "samples: training examples the clients processed over the run; server steps: optimizer steps on the "

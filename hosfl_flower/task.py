@@ -6,9 +6,10 @@ A ``pretrained-*`` model name stands for a checkpoint directory built on this ma
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -52,8 +53,13 @@ def build_model(config: Mapping[str, Any], info: DataInfo) -> SplitModel:
         targets = tuple(t.strip() for t in config["lora.targets"].split(",") if t.strip())
         lora = LoraSettings(config["lora.rank"], config["lora.alpha"], targets)
     return build_split_model(
-        model_source(config), config["cut-layer"], info.num_classes, config["seed"],
-        task=config["task"], lora=lora, verbalizer_ids=info.verbalizer_ids,
+        model_source(config),
+        config["cut-layer"],
+        info.num_classes,
+        config["seed"],
+        task=config["task"],
+        lora=lora,
+        verbalizer_ids=info.verbalizer_ids,
     )
 
 
@@ -67,9 +73,23 @@ class ClientTask:
 
 
 _CLIENT_KEYS = (
-    "model", "pretrain.cache-dir", "cut-layer", "task", "seed", "dataset", "partitioner", "dirichlet-alpha", "test-fraction",
-    "max-length", "data.text-column", "data.label-column", "data.template", "data.label-words",
-    "lora.rank", "lora.alpha", "lora.targets",
+    "model",
+    "pretrain.cache-dir",
+    "cut-layer",
+    "task",
+    "seed",
+    "dataset",
+    "partitioner",
+    "dirichlet-alpha",
+    "test-fraction",
+    "max-length",
+    "data.text-column",
+    "data.label-column",
+    "data.template",
+    "data.label-words",
+    "lora.rank",
+    "lora.alpha",
+    "lora.targets",
 )
 
 
@@ -77,8 +97,13 @@ _CLIENT_KEYS = (
 def _client_task(items: tuple, num_partitions: int) -> ClientTask:
     config = dict(items)
     data = load_federated_data(
-        config["dataset"], num_partitions, config["partitioner"], config["dirichlet-alpha"], config["seed"],
-        config["test-fraction"], text_spec(config),
+        config["dataset"],
+        num_partitions,
+        config["partitioner"],
+        config["dirichlet-alpha"],
+        config["seed"],
+        config["test-fraction"],
+        text_spec(config),
     )
     model = build_model(config, data.info)
     initial = {k: v.clone() for k, v in model.client_state().items()}

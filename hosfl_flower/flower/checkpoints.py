@@ -5,19 +5,43 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from logging import INFO
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.common.logger import log
 
-from ..config import all_options
 from ..checkpoint import CheckpointError, check_same_run, check_tensors, checkpoint_path, read_checkpoint, save_checkpoint
+from ..config import all_options
+
+if TYPE_CHECKING:
+    from ..models import SplitModel
+    from ..protocols.base import ProtocolServer
+    from ..schedule import RoundSchedule
+    from ..split_server import RaySplitServer, SplitServer
 
 STATE_KEYS = ("server", "client", "schedule", "torch-rng", "history", "evaluations", "skipped-in-a-row", "protocol")
 
 
 class CheckpointMixin:
     """What :class:`~hosfl_flower.flower.strategy.HOSFLStrategy` saves and resumes."""
+
+    if TYPE_CHECKING:  # provided by HOSFLStrategy
+        cfg: dict[str, Any]
+        name: str
+        model: SplitModel
+        schedule: RoundSchedule
+        num_rounds: int
+        history: list[dict[str, Any]]
+        evaluations: dict[int, dict[str, Any]]
+        skipped_in_a_row: int
+
+        @property
+        def split_server(self) -> SplitServer | RaySplitServer: ...
+
+        @property
+        def protocol(self) -> ProtocolServer: ...
+
+        def sync_server_weights(self) -> None: ...
 
     def checkpoint_state(self) -> dict[str, Any]:
         """Everything a resumed run needs."""

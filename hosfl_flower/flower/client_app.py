@@ -19,7 +19,7 @@ from ..config import resolve_run_config
 from ..faults import fault_mod, lie
 from ..node.client import ClientSettings, HOSFLClient
 from ..node.store import NODE_STORE
-from ..protocols.messages import HelloReply, HelloRequest
+from ..protocols.messages import HelloReply, HelloRequest, Payload
 from ..protocols.registry import request_type
 from ..task import client_task
 from .link import server_round_of
@@ -31,7 +31,7 @@ def node_partition(context: Context) -> tuple[int, int]:
         return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     except KeyError as missing:
         raise ValueError(
-            f"node config lacks {missing}; start the SuperNode with --node-config \"partition-id=<i> num-partitions=<n>\""
+            f'node config lacks {missing}; start the SuperNode with --node-config "partition-id=<i> num-partitions=<n>"'
         ) from None
 
 
@@ -45,8 +45,14 @@ def make_client(
     partition_id, num_partitions = node_partition(context)
     task = client_task(config, num_partitions)
     return client_class(
-        task.model, task.data.partition(partition_id), ClientSettings.from_config(config, partition_id, num_partitions),
-        task.initial_client_state, context.state, NODE_STORE, str(context.run_id), int(context.node_id),
+        task.model,
+        task.data.partition(partition_id),
+        ClientSettings.from_config(config, partition_id, num_partitions),
+        task.initial_client_state,
+        context.state,
+        NODE_STORE,
+        str(context.run_id),
+        int(context.node_id),
     )
 
 
@@ -81,7 +87,8 @@ class ProtocolClientApp(ClientApp):
             raise ValueError(f"no protocol handles message type {kind!r}")
         request = request_class.from_record(message.content)
         round_ = server_round_of(message.content)
-        if request_class is HelloRequest:
+        reply: Payload
+        if isinstance(request, HelloRequest):
             reply = hello(client, request, round_)
         else:
             config = resolve_run_config(context.run_config, self.overrides)
@@ -96,7 +103,7 @@ def numpy_client_reply(client: HOSFLClient, message: Message) -> Message:
     if message.metadata.message_type == "train":
         weights, num_examples, metrics = client.fit(arrays.to_numpy_ndarrays(), config)
         record = ArrayRecord({key: Array(array) for key, array in zip(arrays.keys(), weights)})
-        content = {"arrays": record, "metrics": MetricRecord({**metrics, "num-examples": num_examples})}
+        content: dict[str, Any] = {"arrays": record, "metrics": MetricRecord({**metrics, "num-examples": num_examples})}
     else:
         loss, num_examples, metrics = client.evaluate(arrays.to_numpy_ndarrays(), config)
         content = {"metrics": MetricRecord({**metrics, "loss": loss, "num-examples": num_examples})}

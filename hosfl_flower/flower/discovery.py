@@ -9,7 +9,7 @@ from flwr.serverapp import Grid
 
 from ..options import ConfigError
 from ..protocols.base import Link, NodeInfo
-from ..protocols.messages import HelloReply, HelloRequest
+from ..protocols.messages import HelloRequest
 
 
 def wait_for_nodes(grid: Grid, wanted: int, explicit: bool, timeout: float) -> list[int]:
@@ -34,7 +34,6 @@ def hello(link: Link, node_ids: list[int], known: dict[int, NodeInfo], discovere
     """Ask every node not in ``known`` who it is; add it, and call ``discovered(node, applied_round)``."""
     new = [NodeInfo(nid, -1, 0) for nid in node_ids if nid not in known]
     for probe_node, reply in link.exchange([(node, HelloRequest()) for node in new]).items():
-        reply: HelloReply
         node = NodeInfo(probe_node.node_id, reply.partition_id, reply.num_examples)
         clash = [n for n in known.values() if n.partition_id == node.partition_id]
         if clash:

@@ -36,11 +36,24 @@ def server_round_of(content: RecordDict) -> int:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def reply_type(request: Payload) -> type[Payload]:
+    """The reply type a request expects."""
+    expected = type(request).reply_type
+    if expected is None:
+        raise TypeError(f"{type(request).__name__} declares no reply_type")
+    return expected
+
+
 class GridLink(Link):
     """A link that sends through ``grid`` and waits up to ``timeout`` seconds for the replies."""
 
     def __init__(
-        self, name: str, grid: Grid, server_round: int, spec: ModelSpec | None, timeout: float,
+        self,
+        name: str,
+        grid: Grid,
+        server_round: int,
+        spec: ModelSpec | None,
+        timeout: float,
         train_config: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(name)
@@ -62,13 +75,12 @@ class GridLink(Link):
             by_node.setdefault(reply.metadata.src_node_id, reply)
         kept: dict[NodeInfo, Any] = {}
         for node, request in requests:
-            reply = by_node.get(node.node_id)
-            if reply is None:
+            answer = by_node.get(node.node_id)
+            if answer is None:
                 self.reject("no-reply", node)
                 continue
-            reply_type = type(request).reply_type
-            self.account.count(reply, reply_type.categories)
-            decoded = self.decode(reply, request, node)
+            self.account.count(answer, reply_type(request).categories)
+            decoded = self.decode(answer, request, node)
             if decoded is not None and self.keep(node, decoded, check):
                 kept[node] = decoded
         return kept
@@ -79,7 +91,7 @@ class GridLink(Link):
             self.reject("error", node, error_text(reply))
             return None
         try:
-            return type(request).reply_type.from_record(reply.content, request, self.spec)
+            return reply_type(request).from_record(reply.content, request, self.spec)
         except ReplyError as error:
             self.reject(error.reason, node, str(error))
         except Exception as error:  # noqa: BLE001 - whatever a node sends, a bad reply is only rejected

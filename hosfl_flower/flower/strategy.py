@@ -44,7 +44,28 @@ from .discovery import hello, wait_for_nodes
 from .link import GridLink
 
 
-class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
+class MultiExchangeStrategy(Strategy):
+    """Flower's ``Strategy`` for rounds of several dependent exchanges: ``start`` is replaced (see the
+    module docstring), so the one-exchange methods below are documented no-ops."""
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Not used: the protocol's server part sends a round's requests itself (see the module docstring)."""
+        return []
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Not used (see :meth:`configure_train`)."""
+        return None, None
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        """Evaluation is central: no federated evaluation messages."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None
+
+
+class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
     """A Flower Message-API ``Strategy`` running the protocol named by ``protocol`` (default: the run
     config's ``strategy``, ``hosfl`` unless set).
 
@@ -74,7 +95,7 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
         self._protocol: ProtocolServer | None = None
         self.nodes: dict[int, NodeInfo] = {}
         self.history: list[dict[str, Any]] = []
-        self.evaluations: dict[int, dict[str, float]] = {}
+        self.evaluations: dict[int, dict[str, Any]] = {}
         self.skipped_in_a_row = 0
         self.results_dir = Path(self.cfg["results-dir"]) if self.cfg["results-dir"] else None
         self.num_rounds = self.run.num_rounds
@@ -99,23 +120,6 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
         """The protocol's server part (called once, when the run starts)."""
         return self.spec.server(self.model, self.model_spec, self.run, self.settings, self.split_server, self.schedule, self)
 
-    # ------------------------------------------------------------------ Flower Strategy API
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Not used: the protocol's server part sends a round's requests itself (see the module docstring)."""
-        return []
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Not used (see :meth:`configure_train`)."""
-        return None, None
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        """Evaluation is central: no federated evaluation messages."""
-        return []
-
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
-        return None
-
     def summary(self) -> None:
         """Log the protocol and its settings."""
         keys = ("num-server-rounds", "clients-per-round", "batch-size", "model", "cut-layer", "partitioner", "seed")
@@ -127,8 +131,12 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
         """The split server (built on first use, so a Ray placement waits for Flower's Ray)."""
         if self._split_server is None:
             self._split_server = build_split_server(
-                self.model, self.cfg["split-server.placement"], optimizer=self.cfg["server.optimizer"],
-                lr=self.cfg["server.lr"], momentum=self.cfg["server.momentum"], weight_decay=self.cfg["server.weight-decay"],
+                self.model,
+                self.cfg["split-server.placement"],
+                optimizer=self.cfg["server.optimizer"],
+                lr=self.cfg["server.lr"],
+                momentum=self.cfg["server.momentum"],
+                weight_decay=self.cfg["server.weight-decay"],
             )
         return self._split_server
 
@@ -217,7 +225,9 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
         if len(self.nodes) < self.run.clients_per_round:
             from ..options import ConfigError
 
-            raise ConfigError("clients-per-round", self.run.clients_per_round, f"must be <= the number of nodes ({len(self.nodes)})")
+            raise ConfigError(
+                "clients-per-round", self.run.clients_per_round, f"must be <= the number of nodes ({len(self.nodes)})"
+            )
         log(INFO, "[%s] %d nodes, partitions %s", self.name, len(self.nodes), sorted(n.partition_id for n in self.nodes.values()))
 
     def check_progress(self, row: Mapping[str, Any]) -> None:
@@ -225,9 +235,10 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if row.get("skipped") else 0
         if self.skipped_in_a_row >= self.cfg["max-skipped-rounds"]:
             rejected = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in row.items() if k.startswith("rejected.")) or "none"
+            first = row["round"] - self.skipped_in_a_row + 1
             raise RuntimeError(
-                f"[{self.name}] no progress: rounds {row['round'] - self.skipped_in_a_row + 1}-{row['round']} were all "
-                f"skipped with fewer than min-replies={self.run.min_replies} valid replies (rejected in round {row['round']}: {rejected})"
+                f"[{self.name}] no progress: rounds {first}-{row['round']} were all skipped with fewer than "
+                f"min-replies={self.run.min_replies} valid replies (rejected in round {row['round']}: {rejected})"
             )
 
     def _evaluate(self, server_round: int, evaluate_fn) -> dict[str, float]:
@@ -237,5 +248,3 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, Strategy):
             if extra:
                 metrics.update(dict(extra))
         return metrics
-
-

@@ -52,11 +52,14 @@ class ClientSettings:
     num_partitions: int = 1
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], partition_id: int, num_partitions: int = 1) -> "ClientSettings":
+    def from_config(cls, config: Mapping[str, Any], partition_id: int, num_partitions: int = 1) -> ClientSettings:
         return cls(
             num_partitions=num_partitions,
-            seed=config["seed"], partition_id=partition_id, batch_size=config["batch-size"],
-            optimizer=config["client.optimizer"], weight_decay=config["client.weight-decay"],
+            seed=config["seed"],
+            partition_id=partition_id,
+            batch_size=config["batch-size"],
+            optimizer=config["client.optimizer"],
+            weight_decay=config["client.weight-decay"],
             eval_batch_size=config["eval-batch-size"],
         )
 

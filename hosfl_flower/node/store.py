@@ -42,7 +42,7 @@ def weights_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def optimizer_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The optimizer tensors of a stored version, without their prefix."""
-    return {k[len(OPTIMIZER_PREFIX):]: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
+    return {k[len(OPTIMIZER_PREFIX) :]: v for k, v in tensors.items() if k.startswith(OPTIMIZER_PREFIX)}
 
 
 class WeightStore:

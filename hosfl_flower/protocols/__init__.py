@@ -7,6 +7,21 @@ from .messages import CatchUp, HelloReply, HelloRequest, ModelSpec, Payload, Rep
 from .registry import ProtocolSpec, get_protocol, protocols, register_protocol
 
 __all__ = [
-    "CatchUp", "HelloReply", "HelloRequest", "Link", "ModelSpec", "NodeInfo", "Payload", "ProtocolServer", "ProtocolSpec",
-    "Reply", "ReplyError", "RunSettings", "ServerHooks", "SmashedBatch", "get_protocol", "protocols", "register_protocol",
+    "CatchUp",
+    "HelloReply",
+    "HelloRequest",
+    "Link",
+    "ModelSpec",
+    "NodeInfo",
+    "Payload",
+    "ProtocolServer",
+    "ProtocolSpec",
+    "Reply",
+    "ReplyError",
+    "RunSettings",
+    "ServerHooks",
+    "SmashedBatch",
+    "get_protocol",
+    "protocols",
+    "register_protocol",
 ]

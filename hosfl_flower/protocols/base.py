@@ -81,7 +81,9 @@ class RunSettings(Settings):
     num_rounds: int = _s("num-server-rounds", 150, "rounds to run", minimum=1)
     clients_per_round: int = _s("clients-per-round", 3, "nodes sampled per round (K)", minimum=1)
     batch_size: int = _s("batch-size", 32, "examples per client minibatch", minimum=1)
-    min_replies: int = _s("min-replies", 1, "a round needs this many valid replies in every exchange, else it is skipped unchanged", minimum=1)
+    min_replies: int = _s(
+        "min-replies", 1, "a round needs this many valid replies in every exchange, else it is skipped unchanged", minimum=1
+    )
 
 
 class ServerHooks:
@@ -166,7 +168,14 @@ class ProtocolServer(ABC, Generic[S]):
         if len(kept) >= self.run.min_replies:
             return True
         metrics["skipped"] = 1
-        LOG.log(WARNING, "[%s] round skipped: %d valid %s replies, min-replies=%d", self.name, len(kept), exchange, self.run.min_replies)
+        LOG.log(
+            WARNING,
+            "[%s] round skipped: %d valid %s replies, min-replies=%d",
+            self.name,
+            len(kept),
+            exchange,
+            self.run.min_replies,
+        )
         return False
 
     def weights(self, server_round: int, num_examples: Sequence[int]) -> list[float]:
@@ -176,4 +185,3 @@ class ProtocolServer(ABC, Generic[S]):
     def client_state(self) -> dict[str, torch.Tensor]:
         """A copy of the global ``θ_c``."""
         return {k: v.detach().clone() for k, v in self.model.client_state().items()}
-

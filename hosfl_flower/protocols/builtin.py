@@ -1,7 +1,9 @@
-"""Imports the package's protocols, each of which registers itself (in the order the run config lists them)."""
+"""Imports the package's protocols, each of which registers itself."""
 
-from . import hosfl  # noqa: F401
-from . import zo_sfl  # noqa: F401
-from . import splitfed  # noqa: F401
-from . import heron  # noqa: F401
-from . import fedavg  # noqa: F401
+from . import (
+    fedavg,  # noqa: F401
+    heron,  # noqa: F401
+    hosfl,  # noqa: F401
+    splitfed,  # noqa: F401
+    zo_sfl,  # noqa: F401
+)

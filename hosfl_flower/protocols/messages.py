@@ -49,7 +49,7 @@ class ModelSpec:
         return tuple(self.z_example.shape[1:])
 
     @classmethod
-    def of(cls, model: SplitModel, example_inputs: Mapping[str, torch.Tensor]) -> "ModelSpec":
+    def of(cls, model: SplitModel, example_inputs: Mapping[str, torch.Tensor]) -> ModelSpec:
         """The spec of ``model``, learning ``z``'s shape from one example (the model is left unchanged)."""
         with torch.no_grad():
             z = model.smash(dict(example_inputs))["z"]
@@ -69,7 +69,7 @@ class Payload:
     """
 
     message_type: ClassVar[str] = ""
-    reply_type: ClassVar[type["Payload"] | None] = None
+    reply_type: ClassVar[type[Payload] | None] = None
     categories: ClassVar[Mapping[str, str]] = {}
     lie_field: ClassVar[str | None] = None
     """The field a lying node corrupts under fault injection (``faults.*``; ``None``: it does not lie here)."""
@@ -78,7 +78,7 @@ class Payload:
         raise NotImplementedError
 
     @classmethod
-    def from_record(cls: type[P], content: RecordDict, request: "Payload | None" = None, spec: ModelSpec | None = None) -> P:
+    def from_record(cls: type[P], content: RecordDict, request: Any = None, spec: ModelSpec | None = None) -> P:
         """Read and validate ``content``; a reply is checked against its ``request`` and ``spec``."""
         raise NotImplementedError
 
@@ -123,6 +123,14 @@ def require_int_list(record: ConfigRecord | MetricRecord, key: str) -> list[int]
     return [int(v) for v in values]
 
 
+def compute_seconds(meta: ConfigRecord | MetricRecord) -> float:
+    """The ``compute-seconds`` a reply's ``meta`` reports (a finite, non-negative number; 0 when absent)."""
+    value = meta.get("compute-seconds", 0.0)
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ReplyError("malformed", "compute-seconds must be a non-negative number")
+    return float(value)
+
+
 def require_scalars(record: ConfigRecord | MetricRecord, key: str, count: int) -> list[float]:
     """Exactly ``count`` finite numbers of sane size under ``record[key]``."""
     value = record.get(key)
@@ -131,11 +139,12 @@ def require_scalars(record: ConfigRecord | MetricRecord, key: str, count: int) -
         raise ReplyError("malformed", f"{key} must be a list of numbers")
     if len(values) != count:
         raise ReplyError("wrong-count", f"{len(values)} {key} for {count} expected")
-    if not all(math.isfinite(v) for v in values):
+    numbers = [float(v) for v in values]
+    if not all(math.isfinite(v) for v in numbers):
         raise ReplyError("non-finite", key)
-    if any(abs(v) > VALUE_BOUND for v in values):
+    if any(abs(v) > VALUE_BOUND for v in numbers):
         raise ReplyError("out-of-range", key)
-    return [float(v) for v in values]
+    return numbers
 
 
 def require_tensors(content: RecordDict, name: str) -> dict[str, torch.Tensor]:
@@ -189,7 +198,7 @@ class SmashedBatch:
         return {"smashed" + suffix: tensors_to_record(self.smashed), "labels" + suffix: tensors_to_record({"y": self.labels})}
 
     @classmethod
-    def read(cls, content: RecordDict, spec: ModelSpec | None, suffix: str = "") -> "SmashedBatch":
+    def read(cls, content: RecordDict, spec: ModelSpec | None, suffix: str = "") -> SmashedBatch:
         """Decode and check dtype, shapes (against ``spec``), finiteness and the label range."""
         smashed = require_tensors(content, "smashed" + suffix)
         labels = require_tensors(content, "labels" + suffix).get("y")
@@ -226,7 +235,9 @@ class CatchUp:
     replacement_round: int = 0
 
     categories: ClassVar[Mapping[str, str]] = {
-        "ledger": "seeds_and_ledger_down", "client-state": "model_down", "sync": "other",
+        "ledger": "seeds_and_ledger_down",
+        "client-state": "model_down",
+        "sync": "other",
     }
 
     def records(self) -> dict[str, Any]:
@@ -240,7 +251,7 @@ class CatchUp:
         return records
 
     @classmethod
-    def read(cls, content: RecordDict) -> "CatchUp":
+    def read(cls, content: RecordDict) -> CatchUp:
         sync = require_record(content, "sync", ConfigRecord)
         ledger = content.get("ledger")
         try:
@@ -262,7 +273,7 @@ class HelloRequest(Payload):
         return RecordDict({})
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "HelloRequest":
+    def from_record(cls, content, request=None, spec=None) -> HelloRequest:
         return cls()
 
 
@@ -278,19 +289,19 @@ class HelloReply(Reply):
     def to_record(self) -> RecordDict:
         info = ConfigRecord(
             {
-                "partition-id": self.partition_id, "num-partitions": self.num_partitions,
-                "num-examples": self.num_examples, "applied-round": self.applied_round,
+                "partition-id": self.partition_id,
+                "num-partitions": self.num_partitions,
+                "num-examples": self.num_examples,
+                "applied-round": self.applied_round,
             }
         )
         return RecordDict({"node": info})
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "HelloReply":
+    def from_record(cls, content, request=None, spec=None) -> HelloReply:
         info = require_record(content, "node", ConfigRecord)
         values = {key: int(require_value(info, key, int)) for key in ("partition-id", "num-partitions", "num-examples")}
-        reply = cls(
-            values["partition-id"], values["num-partitions"], values["num-examples"], int(info.get("applied-round", 0))
-        )
+        reply = cls(values["partition-id"], values["num-partitions"], values["num-examples"], int(info.get("applied-round", 0)))
         if reply.num_examples <= 0 or not 0 <= reply.partition_id < reply.num_partitions:
             raise ReplyError("out-of-range", "node identity")
         return reply

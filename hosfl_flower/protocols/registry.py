@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..options import Option, Settings
+from .base import ProtocolServer
 from .messages import HelloRequest, Payload, check_categories
 
 Handler = Callable[[Any, Any, int], Payload]
@@ -20,7 +21,7 @@ class ProtocolSpec:
     """A registered protocol."""
 
     name: str
-    server: type
+    server: type[ProtocolServer]
     settings: type[Settings]
     handlers: Mapping[type[Payload], Handler]
     description: str = ""
@@ -41,7 +42,7 @@ _REQUESTS: dict[str, type[Payload]] = {"query.hello": HelloRequest}
 
 def register_protocol(
     name: str,
-    server: type,
+    server: type[ProtocolServer],
     settings: type[Settings],
     handlers: Mapping[type[Payload], Handler],
     description: str = "",

@@ -16,6 +16,7 @@ from ..messages import (
     Reply,
     ReplyError,
     check_state,
+    compute_seconds,
     layout_of,
     require_record,
     require_scalars,
@@ -49,7 +50,7 @@ class FedAvgReply(Reply):
         if num_examples <= 0:
             raise ReplyError("out-of-range", "num-examples")
         train_loss = require_scalars(meta, "train-loss", 1)[0]
-        return cls(weights, num_examples, train_loss, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(weights, num_examples, train_loss, compute_seconds=compute_seconds(meta))
 
 
 @dataclass

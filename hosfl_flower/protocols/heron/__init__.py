@@ -14,7 +14,11 @@ from .messages import HeronReply, HeronRequest, upload_steps
 from .server import HeronServer
 
 register_protocol(
-    "heron-sfl", HeronServer, HeronSettings, HANDLERS, "HERON-SFL: zeroth-order clients on an auxiliary loss, no server feedback",
+    "heron-sfl",
+    HeronServer,
+    HeronSettings,
+    HANDLERS,
+    "HERON-SFL: zeroth-order clients on an auxiliary loss, no server feedback",
     memory_step=memory_step,
 )
 

@@ -12,7 +12,8 @@ from ...memory import HERON_STEPS, MemoryCase
 from ...models.aux_head import AuxHead, build_aux_head
 from ...node.client import HOSFLClient
 from ...zo import SGD, LedgerEntry, apply_entry, mix_seed, perturb_, trainable_parameters
-from ..messages import SmashedBatch
+from ..messages import Payload, SmashedBatch
+from ..registry import Handler
 from .config import HeronSettings
 from .messages import HeronReply, HeronRequest
 
@@ -66,12 +67,16 @@ def heron(client: HOSFLClient, request: HeronRequest, server_round: int) -> Hero
     client.model.load_client_state(request.client_state)
     kept, head = local_training(client, request, server_round)
     return HeronReply(
-        {k: v.detach().clone() for k, v in client.model.client_state().items()}, head.state_dict(), len(client.train),
-        list(kept), list(kept.values()), compute_seconds=time.perf_counter() - start,
+        {k: v.detach().clone() for k, v in client.model.client_state().items()},
+        head.state_dict(),
+        len(client.train),
+        list(kept),
+        list(kept.values()),
+        compute_seconds=time.perf_counter() - start,
     )
 
 
-HANDLERS = {HeronRequest: heron}
+HANDLERS: dict[type[Payload], Handler] = {HeronRequest: heron}
 
 
 def memory_step(case: MemoryCase) -> Callable[[], HeronReply]:
@@ -82,8 +87,13 @@ def memory_step(case: MemoryCase) -> Callable[[], HeronReply]:
 
     def step() -> HeronReply:
         request = HeronRequest(
-            case.received_weights(), {k: v.clone() for k, v in head.items()}, HERON_STEPS, upload_every, settings.mu,
-            settings.lr, settings.head,
+            case.received_weights(),
+            {k: v.clone() for k, v in head.items()},
+            HERON_STEPS,
+            upload_every,
+            settings.mu,
+            settings.lr,
+            settings.head,
         )
         return heron(case.new_client(), request, case.server_round)
 

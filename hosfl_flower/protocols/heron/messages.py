@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
@@ -19,6 +19,7 @@ from ..messages import (
     ReplyError,
     SmashedBatch,
     check_state,
+    compute_seconds,
     layout_of,
     require_int_list,
     require_record,
@@ -43,12 +44,16 @@ class HeronReply(Reply):
     batches: list[SmashedBatch] = field(default_factory=list)
 
     categories: ClassVar[Mapping[str, str]] = {
-        "arrays": "model_up", "aux-head": "model_up", "smashed": "activations_up", "labels": "labels_up", "meta": "other",
+        "arrays": "model_up",
+        "aux-head": "model_up",
+        "smashed": "activations_up",
+        "labels": "labels_up",
+        "meta": "other",
     }
     lie_field: ClassVar[str | None] = "batches"
 
     def to_record(self) -> RecordDict:
-        records = {
+        records: dict[str, Any] = {
             "arrays": tensors_to_record(self.client_state),
             "aux-head": tensors_to_record(self.head_state),
             "meta": self.meta(steps=[int(s) for s in self.steps], **{"num-examples": int(self.num_examples)}),
@@ -72,7 +77,7 @@ class HeronReply(Reply):
         num_examples = int(require_value(meta, "num-examples", int))
         if num_examples <= 0:
             raise ReplyError("wrong-count", "num-examples must be positive")
-        return cls(client, head, num_examples, steps, batches, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(client, head, num_examples, steps, batches, compute_seconds=compute_seconds(meta))
 
 
 @dataclass
@@ -111,7 +116,11 @@ class HeronRequest(Payload):
         if steps < 1 or not 1 <= every <= steps:
             raise ReplyError("out-of-range", f"local-steps={steps}, upload-every={every}")
         return cls(
-            require_tensors(content, "arrays"), require_tensors(content, "aux-head"), steps, every,
-            float(require_value(settings, "mu", (int, float))), float(require_value(settings, "lr", (int, float))),
+            require_tensors(content, "arrays"),
+            require_tensors(content, "aux-head"),
+            steps,
+            every,
+            float(require_value(settings, "mu", (int, float))),
+            float(require_value(settings, "lr", (int, float))),
             str(require_value(settings, "head", str)),
         )

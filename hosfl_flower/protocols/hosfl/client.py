@@ -8,7 +8,8 @@ import torch
 
 from ...node.client import HOSFLClient
 from ...zo import dot64, needs_anchor, probe_scalars
-from ..messages import CatchUp, SmashedBatch
+from ..messages import CatchUp, Payload, SmashedBatch
+from ..registry import Handler
 from .config import HOSFLSettings
 from .messages import ProbeReply, ProbeRequest, SmashReply, SmashRequest, SyncReply, SyncRequest
 
@@ -43,13 +44,19 @@ def probe(client: HOSFLClient, request: ProbeRequest, server_round: int) -> Prob
     lam = request.activation_grad
     if z.shape != lam.shape:
         raise ValueError(f"λ has shape {tuple(lam.shape)} but z has shape {tuple(z.shape)}")
-    inputs = {k[len("input."):]: v for k, v in tensors.items()}
+    inputs = {k[len("input.") :]: v for k, v in tensors.items()}
     anchor = dot64(lam, z) if needs_anchor(request.estimator) else None
     del z, tensors
     client.restore()
     scalars = probe_scalars(
-        request.estimator, lambda: client.model.smash(inputs)["z"], client.model.client, lam, request.seeds, request.mu,
-        anchor=anchor, distribution=request.directions,
+        request.estimator,
+        lambda: client.model.smash(inputs)["z"],
+        client.model.client,
+        lam,
+        request.seeds,
+        request.mu,
+        anchor=anchor,
+        distribution=request.directions,
     )
     return ProbeReply(list(scalars), compute_seconds=time.perf_counter() - start)
 
@@ -61,7 +68,7 @@ def sync(client: HOSFLClient, request: SyncRequest, server_round: int) -> SyncRe
     return SyncReply(client.fingerprint(), applied, compute_seconds=time.perf_counter() - start)
 
 
-HANDLERS = {SmashRequest: smash, ProbeRequest: probe, SyncRequest: sync}
+HANDLERS: dict[type[Payload], Handler] = {SmashRequest: smash, ProbeRequest: probe, SyncRequest: sync}
 
 
 def memory_step(case):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from ...options import Settings, setting
 from ...zo.directions import DISTRIBUTIONS
@@ -16,22 +17,32 @@ from ...zo.update import LR_SCHEDULES, ClientUpdateRule
 class HOSFLSettings(Settings):
     """How the clients estimate and take their zeroth-order step (docs/protocols.md, "HO-SFL")."""
 
-    num_perturbations: int = setting("zo.num-perturbations", 20, "P: seeded directions per round (0 freezes the client)", minimum=0)
+    num_perturbations: int = setting(
+        "zo.num-perturbations", 20, "P: seeded directions per round (0 freezes the client)", minimum=0
+    )
     mu: float = setting("zo.mu", 1e-3, "μ: perturbation scale", minimum=0.0, exclusive_minimum=True)
     estimator: str = setting(
-        "zo.estimator", "forward", "forward (the paper's one-sided difference), central, or jvp (exact, forward-mode autodiff)",
+        "zo.estimator",
+        "forward",
+        "forward (the paper's one-sided difference), central, or jvp (exact, forward-mode autodiff)",
         choices=ESTIMATORS,
     )
     directions: str = setting(
-        "zo.directions", "gaussian", "distribution of the seeded directions: gaussian (the paper's) or rademacher (±1)",
+        "zo.directions",
+        "gaussian",
+        "distribution of the seeded directions: gaussian (the paper's) or rademacher (±1)",
         choices=DISTRIBUTIONS,
     )
     clip_grad_norm: float = setting(
-        "zo.clip-grad-norm", 5.0, "clip the L2 norm of the aggregated client estimate ĝ to this value before the step (0: off)",
+        "zo.clip-grad-norm",
+        5.0,
+        "clip the L2 norm of the aggregated client estimate ĝ to this value before the step (0: off)",
         minimum=0.0,
     )
     lr_schedule: str = setting(
-        "client.lr-schedule", "cosine", "client learning rate over the rounds: constant, or cosine decay to 0 at num-server-rounds",
+        "client.lr-schedule",
+        "cosine",
+        "client learning rate over the rounds: constant, or cosine decay to 0 at num-server-rounds",
         choices=LR_SCHEDULES,
     )
     client_optimizer: str = setting("client.optimizer", "sgd", "client optimizer (sgd is stateless)", choices=CLIENT_OPTIMIZERS)
@@ -42,8 +53,12 @@ class HOSFLSettings(Settings):
     def update_rule(self, num_rounds: int) -> ClientUpdateRule:
         """The client update rule of these settings over ``num_rounds`` rounds."""
         return ClientUpdateRule(
-            lr=self.client_lr, mu=self.mu, schedule=self.lr_schedule, total_rounds=num_rounds,
-            clip_grad_norm=self.clip_grad_norm, directions=self.directions,
+            lr=self.client_lr,
+            mu=self.mu,
+            schedule=self.lr_schedule,
+            total_rounds=num_rounds,
+            clip_grad_norm=self.clip_grad_norm,
+            directions=self.directions,
         )
 
 

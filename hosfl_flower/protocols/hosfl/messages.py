@@ -13,7 +13,16 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from ...records import tensors_to_record
 from ..messages import (
-    CatchUp, ModelSpec, Payload, Reply, ReplyError, SmashedBatch, require_record, require_scalars, require_tensors,
+    CatchUp,
+    ModelSpec,
+    Payload,
+    Reply,
+    ReplyError,
+    SmashedBatch,
+    compute_seconds,
+    require_record,
+    require_scalars,
+    require_tensors,
     require_value,
 )
 
@@ -31,7 +40,7 @@ class SmashRequest(Payload):
         return RecordDict(self.catch_up.records())
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "SmashRequest":
+    def from_record(cls, content, request=None, spec=None) -> SmashRequest:
         return cls(CatchUp.read(content))
 
 
@@ -52,25 +61,25 @@ class VersionedReply(Reply):
 class SmashReply(VersionedReply):
     """``z = f_c(x)`` (and companions), the labels, and the node's version."""
 
-    batch: SmashedBatch | None = None
+    batch: SmashedBatch = field(default_factory=lambda: SmashedBatch({}, torch.zeros(0, dtype=torch.long)))
 
     categories: ClassVar[Mapping[str, str]] = {"smashed": "activations_up", "labels": "labels_up", "meta": "other"}
 
     @property
     def num_examples(self) -> int:
-        return self.batch.num_examples if self.batch is not None else 0
+        return self.batch.num_examples
 
     def to_record(self) -> RecordDict:
         meta = self.meta(fingerprint=self.fingerprint, **{"applied-round": self.applied_round, "num-examples": self.num_examples})
         return RecordDict({**self.batch.records(), "meta": meta})
 
     @classmethod
-    def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> "SmashReply":
+    def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> SmashReply:
         meta, fp, applied = cls.read_version(content)
         batch = SmashedBatch.read(content, spec)
         if int(require_value(meta, "num-examples", int)) != batch.num_examples:
             raise ReplyError("wrong-count", "num-examples disagrees with the labels")
-        return cls(fp, applied, batch, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(fp, applied, batch, compute_seconds=compute_seconds(meta))
 
 
 @dataclass
@@ -86,11 +95,11 @@ class ProbeReply(Reply):
         return RecordDict({"scalars": MetricRecord({"values": [float(v) for v in self.scalars]}), "meta": self.meta()})
 
     @classmethod
-    def from_record(cls, content, request: "ProbeRequest | None" = None, spec=None) -> "ProbeReply":
+    def from_record(cls, content, request: ProbeRequest | None = None, spec=None) -> ProbeReply:
         scalars = require_record(content, "scalars", MetricRecord)
         count = len(request.seeds) if request is not None else len(scalars.get("values", []))
         meta = require_record(content, "meta", ConfigRecord)
-        return cls(require_scalars(scalars, "values", count), compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(require_scalars(scalars, "values", count), compute_seconds=compute_seconds(meta))
 
 
 @dataclass
@@ -114,14 +123,17 @@ class ProbeRequest(Payload):
         return RecordDict({"activation-grad": tensors_to_record({"z": self.activation_grad}), "seeds": seeds})
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "ProbeRequest":
+    def from_record(cls, content, request=None, spec=None) -> ProbeRequest:
         seeds = require_record(content, "seeds", ConfigRecord)
         lam = require_tensors(content, "activation-grad").get("z")
         if lam is None:
             raise ReplyError("malformed", "missing activation-grad.z")
         return cls(
-            lam, tuple(int(s) for s in seeds["seeds"]), float(seeds["mu"]),
-            str(seeds.get("estimator", "forward")), str(seeds.get("directions", "gaussian")),
+            lam,
+            tuple(int(s) for s in seeds["seeds"]),
+            float(seeds["mu"]),
+            str(seeds.get("estimator", "forward")),
+            str(seeds.get("directions", "gaussian")),
         )
 
 
@@ -135,9 +147,9 @@ class SyncReply(VersionedReply):
         return RecordDict({"meta": self.meta(fingerprint=self.fingerprint, **{"applied-round": self.applied_round})})
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "SyncReply":
+    def from_record(cls, content, request=None, spec=None) -> SyncReply:
         meta, fp, applied = cls.read_version(content)
-        return cls(fp, applied, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(fp, applied, compute_seconds=compute_seconds(meta))
 
 
 @dataclass

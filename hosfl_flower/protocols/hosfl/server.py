@@ -14,7 +14,7 @@ from typing import Any
 from ...options import ConfigError
 from ...zo import aggregate_scalars, check_jvp, fingerprint, make_client_optimizer
 from ..base import Link, NodeInfo, ProtocolServer
-from .config import FrozenClientSettings, HOSFLSettings
+from .config import HOSFLSettings
 from .messages import ProbeRequest, SmashReply, SmashRequest
 from .sync import LedgerSync, ledger_from_rows
 

@@ -85,7 +85,11 @@ class LedgerSync:
         synced = [node for node, reply in replies.items() if reply.fingerprint == target]
         for node in synced:
             self.node_applied[node.node_id] = self.ledger.last_round
-        return {"final-sync-nodes": len(synced), "final-sync-mismatches": len(replies) - len(synced), "ledger-entries": len(self.ledger)}
+        return {
+            "final-sync-nodes": len(synced),
+            "final-sync-mismatches": len(replies) - len(synced),
+            "ledger-entries": len(self.ledger),
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state(self, partitions: Mapping[int, int]) -> dict[str, Any]:

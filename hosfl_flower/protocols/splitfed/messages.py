@@ -19,6 +19,7 @@ from ..messages import (
     ReplyError,
     SmashedBatch,
     check_state,
+    compute_seconds,
     require_record,
     require_tensors,
     require_value,
@@ -48,7 +49,7 @@ class SplitFedSmashReply(Reply):
         batch = SmashedBatch.read(content, spec)
         if int(require_value(meta, "num-examples", int)) != batch.num_examples:
             raise ReplyError("wrong-count", "num-examples disagrees with the labels")
-        return cls(batch, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(batch, compute_seconds=compute_seconds(meta))
 
 
 @dataclass
@@ -97,7 +98,7 @@ class SplitFedGradReply(Reply):
             weights = require_tensors(content, "arrays")
             if spec is not None:
                 check_state(weights, spec.client_state, "client segment")
-        return cls(weights, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(weights, compute_seconds=compute_seconds(meta))
 
 
 @dataclass

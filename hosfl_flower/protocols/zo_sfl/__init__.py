@@ -14,7 +14,11 @@ from .messages import ZOSmashReply, ZOSmashRequest
 from .server import ZOSFLServer
 
 register_protocol(
-    "zo-sfl", ZOSFLServer, ZOSFLSettings, HANDLERS, "ZO-SFL: zeroth-order steps on both segments along shared directions",
+    "zo-sfl",
+    ZOSFLServer,
+    ZOSFLSettings,
+    HANDLERS,
+    "ZO-SFL: zeroth-order steps on both segments along shared directions",
     memory_step=memory_step,
 )
 

@@ -12,7 +12,8 @@ from ...node.client import HOSFLClient
 from ...zo import perturb_
 from ..hosfl.client import sync
 from ..hosfl.messages import SyncRequest
-from ..messages import CatchUp, SmashedBatch
+from ..messages import CatchUp, Payload, SmashedBatch
+from ..registry import Handler
 from .config import ZOSFLSettings
 from .messages import ZOSmashReply, ZOSmashRequest
 
@@ -36,7 +37,7 @@ def zo_smash(client: HOSFLClient, request: ZOSmashRequest, server_round: int) ->
     return ZOSmashReply(fp, applied, SmashedBatch(smashed, batch.labels), perturbed, compute_seconds=time.perf_counter() - start)
 
 
-HANDLERS = {ZOSmashRequest: zo_smash, SyncRequest: sync}
+HANDLERS: dict[type[Payload], Handler] = {ZOSmashRequest: zo_smash, SyncRequest: sync}
 
 
 def memory_step(case: MemoryCase) -> Callable[[], ZOSmashReply]:

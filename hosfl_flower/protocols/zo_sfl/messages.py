@@ -34,19 +34,19 @@ class ZOSmashReply(SmashReply):
     @classmethod
     def from_record(cls, content, request: ZOSmashRequest | None = None, spec: ModelSpec | None = None) -> ZOSmashReply:
         """As HO-SFL's smash reply, plus exactly ``P`` perturbed activations shaped like ``z``."""
-        reply = super().from_record(content, request, spec)
+        reply = SmashReply.from_record(content, request, spec)
         smashed = reply.batch.smashed
         count = len(request.seeds) if request is not None else sum(k.startswith(PERTURBED_PREFIX) for k in smashed)
-        tildes = [smashed.pop(f"{PERTURBED_PREFIX}{p}", None) for p in range(count)]
-        if any(t is None for t in tildes) or any(k.startswith(PERTURBED_PREFIX) for k in smashed):
+        found = [smashed.pop(f"{PERTURBED_PREFIX}{p}", None) for p in range(count)]
+        tildes = [t for t in found if t is not None]
+        if len(tildes) != count or any(k.startswith(PERTURBED_PREFIX) for k in smashed):
             raise ReplyError("wrong-count", f"expected exactly {count} perturbed activations")
         z = smashed["z"]
         if any(t.dtype != z.dtype for t in tildes):
             raise ReplyError("wrong-dtype", "perturbed activations differ from z in dtype")
         if any(t.shape != z.shape for t in tildes):
             raise ReplyError("wrong-shape", "perturbed activations differ from z in shape")
-        reply.perturbed = tildes
-        return reply
+        return cls(reply.fingerprint, reply.applied_round, reply.batch, tildes, compute_seconds=reply.compute_seconds)
 
 
 @dataclass

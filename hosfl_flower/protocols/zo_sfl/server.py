@@ -14,6 +14,7 @@ from typing import Any
 
 from ...zo import LedgerEntry, fingerprint
 from ..base import Link, NodeInfo, RunSettings
+from ..hosfl.config import HOSFLSettings
 from ..hosfl.server import HOSFLServer
 from .config import ZOSFLSettings
 from .messages import ZOSmashReply, ZOSmashRequest
@@ -27,7 +28,7 @@ class ZOSFLServer(HOSFLServer):
     settings: ZOSFLSettings
 
     @classmethod
-    def planned_cost(cls, settings: ZOSFLSettings, run: RunSettings) -> tuple[int, int]:
+    def planned_cost(cls, settings: HOSFLSettings, run: RunSettings) -> tuple[int, int]:
         """One minibatch per client; one zeroth-order server step (none with no directions)."""
         return 1, 1 if settings.num_perturbations > 0 else 0
 
@@ -49,7 +50,12 @@ class ZOSFLServer(HOSFLServer):
         weights = self.weights(server_round, [reply.num_examples for reply in smashed.values()])
         loss, scalars, seconds = self.split_server.zo_step(
             [(reply.batch.smashed, reply.batch.labels) for reply in smashed.values()],
-            [reply.perturbed for reply in smashed.values()], weights, seeds, s.mu, s.lr, len(self.model.client_parameters()),
+            [reply.perturbed for reply in smashed.values()],
+            weights,
+            seeds,
+            s.mu,
+            s.lr,
+            len(self.model.client_parameters()),
         )
         link.account.server_seconds += seconds
         self.sync.append(LedgerEntry(server_round, seeds, scalars, s.lr, s.mu))
