@@ -182,6 +182,19 @@ def layout_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[tuple[int, .
 
 
 # --------------------------------------------------------------------------- shared pieces
+def activation_grad_record(activation_grad: torch.Tensor) -> ArrayRecord:
+    """The ``activation-grad`` record: ``λ = ∂loss/∂z`` under ``z``."""
+    return tensors_to_record({"z": activation_grad})
+
+
+def read_activation_grad(content: RecordDict) -> torch.Tensor:
+    """``λ`` from a request's ``activation-grad`` record, or ``malformed``."""
+    lam = require_tensors(content, "activation-grad").get("z")
+    if lam is None:
+        raise ReplyError("malformed", "missing activation-grad.z")
+    return lam
+
+
 @dataclass
 class SmashedBatch:
     """A smashed minibatch: ``z`` (plus companions such as an attention mask) and its labels."""

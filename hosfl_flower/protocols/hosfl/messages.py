@@ -11,7 +11,6 @@ from typing import ClassVar
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
-from ...records import tensors_to_record
 from ..messages import (
     CatchUp,
     ModelSpec,
@@ -19,10 +18,12 @@ from ..messages import (
     Reply,
     ReplyError,
     SmashedBatch,
+    activation_grad_record,
     compute_seconds,
+    read_activation_grad,
+    require_int_list,
     require_record,
     require_scalars,
-    require_tensors,
     require_value,
 )
 
@@ -120,21 +121,14 @@ class ProbeRequest(Payload):
         seeds = ConfigRecord(
             {"seeds": list(self.seeds), "mu": self.mu, "estimator": self.estimator, "directions": self.directions}
         )
-        return RecordDict({"activation-grad": tensors_to_record({"z": self.activation_grad}), "seeds": seeds})
+        return RecordDict({"activation-grad": activation_grad_record(self.activation_grad), "seeds": seeds})
 
     @classmethod
     def from_record(cls, content, request=None, spec=None) -> ProbeRequest:
         seeds = require_record(content, "seeds", ConfigRecord)
-        lam = require_tensors(content, "activation-grad").get("z")
-        if lam is None:
-            raise ReplyError("malformed", "missing activation-grad.z")
-        return cls(
-            lam,
-            tuple(int(s) for s in seeds["seeds"]),
-            float(seeds["mu"]),
-            str(seeds.get("estimator", "forward")),
-            str(seeds.get("directions", "gaussian")),
-        )
+        lam, mu = read_activation_grad(content), float(require_value(seeds, "mu", (int, float)))
+        how = {key: str(seeds.get(key, default)) for key, default in (("estimator", "forward"), ("directions", "gaussian"))}
+        return cls(lam, tuple(require_int_list(seeds, "seeds")), mu, how["estimator"], how["directions"])
 
 
 @dataclass

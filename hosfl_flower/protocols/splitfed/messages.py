@@ -18,8 +18,10 @@ from ..messages import (
     Reply,
     ReplyError,
     SmashedBatch,
+    activation_grad_record,
     check_state,
     compute_seconds,
+    read_activation_grad,
     require_record,
     require_tensors,
     require_value,
@@ -116,16 +118,13 @@ class SplitFedGradRequest(Payload):
 
     def to_record(self) -> RecordDict:
         step = ConfigRecord({"step": self.step, "lr": self.lr, "last": self.last})
-        return RecordDict({"activation-grad": tensors_to_record({"z": self.activation_grad}), "step": step})
+        return RecordDict({"activation-grad": activation_grad_record(self.activation_grad), "step": step})
 
     @classmethod
     def from_record(cls, content, request=None, spec=None) -> SplitFedGradRequest:
         step = require_record(content, "step", ConfigRecord)
-        lam = require_tensors(content, "activation-grad").get("z")
-        if lam is None:
-            raise ReplyError("malformed", "missing activation-grad.z")
         return cls(
-            lam,
+            read_activation_grad(content),
             int(require_value(step, "step", int)),
             float(require_value(step, "lr", (int, float))),
             bool(require_value(step, "last", bool)),
