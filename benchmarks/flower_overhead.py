@@ -30,7 +30,7 @@ from _common import (
     table,
 )
 
-TARGET = 1.5
+TARGET = 1.2
 NODES = 3
 
 

@@ -42,8 +42,6 @@ DEFAULT_METHODS = ("inference", "hosfl", "heron-sfl", "splitfed-v2", "zo-sfl", "
 """The methods measured when none is named (``inference`` and a protocol per family)."""
 
 DEVICES = ("auto", "cpu", "cuda")
-HERON_STEPS = 2
-"""Zeroth-order local steps of the measured HERON-SFL round (the peak does not grow with more)."""
 
 _RESULT_MARKER = "HOSFL-MEMORY-RESULT "
 _PACKAGE_PARENT = Path(__file__).resolve().parents[1]

@@ -143,10 +143,6 @@ class SplitServer:
         """The server segment's state dict (weights and buffers)."""
         return {k: v.detach().clone() for k, v in self.model.server.state_dict().items()}
 
-    def optimizer_state(self) -> dict:
-        """The server optimizer's state dict."""
-        return self.optimizer.state_dict()
-
     def state(self) -> dict:
         """Weights and optimizer state together (what a copy or a checkpoint needs)."""
         return {"weights": self.server_weights(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
@@ -227,9 +223,6 @@ class RaySplitServer:
 
     def server_weights(self) -> dict[str, torch.Tensor]:
         return self._ray.get(self._actor.server_weights.remote())
-
-    def optimizer_state(self) -> dict:
-        return self._ray.get(self._actor.optimizer_state.remote())
 
     def state(self) -> dict:
         return self._ray.get(self._actor.state.remote())
