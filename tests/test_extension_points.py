@@ -4,7 +4,7 @@ refusals of inconsistent registrations."""
 
 import pytest
 
-from hosfl_flower.models import SplitCNN, register_model
+from hosfl_flower.models import MODEL_FAMILIES, SplitCNN, register_model
 from hosfl_flower.options import Settings
 from hosfl_flower.protocols import ServerHooks, register_protocol
 from hosfl_flower.protocols.hosfl.client import HANDLERS
@@ -55,10 +55,8 @@ def test_dropped_probe_replies_are_rescaled_by_the_kept_weights(monkeypatch):
 
 
 def test_a_model_family_registered_outside_the_package_runs():
-    if "cnn-narrow" not in __import__("hosfl_flower.models", fromlist=["MODEL_FAMILIES"]).MODEL_FAMILIES:
-        register_model(
-            "cnn-narrow", lambda cut_layer, num_classes: SplitCNN(cut_layer, width=4, num_classes=num_classes), 4, 2, ("digits",)
-        )
+    if "cnn-narrow" not in MODEL_FAMILIES:
+        register_model("cnn-narrow", lambda cut_layer, num_classes: SplitCNN(cut_layer, num_classes, width=4), 4, 2, ("digits",))
     narrow = run_reference({"model": "cnn-narrow", "num-server-rounds": 2, "eval-every": 2}, 4)
     default = run_reference({"num-server-rounds": 1}, 4)
     assert sum(p.numel() for p in narrow.model.client_parameters()) < sum(p.numel() for p in default.model.client_parameters())
