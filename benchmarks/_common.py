@@ -84,18 +84,11 @@ def median_time(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for ``flower-simulation`` subprocesses (this interpreter's scripts first on the path)."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p),
-        }
-    )
-    env.update(extra)
-    return env
+    """Environment for ``flower-simulation`` subprocesses: the package's ``script_env`` with the
+    repository on ``PYTHONPATH``."""
+    from hosfl_flower.cli import script_env
+
+    return script_env(PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p), **extra)
 
 
 def llama_client_params(hidden: int, intermediate: int, cut_layer: int = 2, vocab: int = 128) -> int:

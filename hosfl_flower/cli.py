@@ -52,6 +52,21 @@ def _load_app(app: str, overrides: dict[str, Any]):
     return module.server_app, module.client_app
 
 
+def script_env(**extra: str) -> dict[str, str]:
+    """The environment of a subprocess running this package's console scripts: this interpreter's
+    scripts first on ``PATH``, unbuffered output, and Ray's accelerator override off (CPU actors)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
 def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in table.items():

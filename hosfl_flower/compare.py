@@ -5,7 +5,6 @@ over the seeds and plots."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -46,7 +45,9 @@ def run_strategy(strategy: str, run_configs: list[str], overrides: str, results:
     for item in run_configs:
         command += ["--run-config", item]
     command += ["--run-config", f"strategy='{strategy}' results-dir='{results}' {overrides}"]
-    env = {**os.environ, "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0", "PYTHONUNBUFFERED": "1"}
+    from .cli import script_env
+
+    env = script_env()
     started = time.monotonic()
     results.mkdir(parents=True, exist_ok=True)
     log_path = results / "run.log"

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from hosfl_flower.accounting import CATEGORIES, RoundAccount, message_bytes, record_bytes
@@ -29,8 +29,12 @@ def test_message_bytes_are_the_sum_of_record_count_bytes():
     labels = tensors_to_record({"y": torch.arange(4)})
     meta = ConfigRecord({"num-examples": 4, "fingerprint": "ab" * 16})
     scalars = MetricRecord({"values": [0.1, -0.2, 0.3]})
-    message = Message(RecordDict({"smashed": z, "labels": labels, "meta": meta, "scalars": scalars}), dst_node_id=7,
-                      message_type="train.smash", group_id="1")
+    message = Message(
+        RecordDict({"smashed": z, "labels": labels, "meta": meta, "scalars": scalars}),
+        dst_node_id=7,
+        message_type="train.smash",
+        group_id="1",
+    )
     expected = z.count_bytes() + labels.count_bytes() + meta.count_bytes() + scalars.count_bytes()
     assert message_bytes(message) == expected
     account = RoundAccount()

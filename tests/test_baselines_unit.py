@@ -81,8 +81,12 @@ def test_heron_aggregation_is_weighted_by_the_server_known_examples():
     nodes = [NodeInfo(1, 0, 30), NodeInfo(2, 1, 10)]
     replies = {
         # the second node claims 1000 examples: its weight stays the 10 the server learnt at discovery
-        nodes[0]: HeronReply({k: torch.ones_like(v) for k, v in base.items()}, {k: torch.ones_like(v) for k, v in head.items()}, 30),
-        nodes[1]: HeronReply({k: torch.full_like(v, 5.0) for k, v in base.items()}, {k: torch.full_like(v, 5.0) for k, v in head.items()}, 1000),
+        nodes[0]: HeronReply(
+            {k: torch.ones_like(v) for k, v in base.items()}, {k: torch.ones_like(v) for k, v in head.items()}, 30
+        ),
+        nodes[1]: HeronReply(
+            {k: torch.full_like(v, 5.0) for k, v in base.items()}, {k: torch.full_like(v, 5.0) for k, v in head.items()}, 1000
+        ),
     }
     metrics = protocol.run_round(1, nodes, CannedLink(replies))
     expected = (1.0 * 30 + 5.0 * 10) / 40

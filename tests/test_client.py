@@ -108,7 +108,10 @@ def test_node_state_holds_only_the_version_not_the_weights(tmp_path):
     state = RecordDict()
     sync(make_client(state, store=store), ENTRIES[:2], from_round=0)
     assert set(state) == {STATE_SYNC}
-    assert dict(state[STATE_SYNC]) == {"applied-round": 2, "fingerprint": fingerprint(replica_after(ENTRIES[:2])[0].client_parameters())}
+    assert dict(state[STATE_SYNC]) == {
+        "applied-round": 2,
+        "fingerprint": fingerprint(replica_after(ENTRIES[:2])[0].client_parameters()),
+    }
     assert sum(len(array.data) for record in state.array_records.values() for array in record.values()) == 0
     # another process (an empty memory cache) restores the version from the node's file
     other = WeightStore(tmp_path)

@@ -47,7 +47,12 @@ BAD_VALUES = [
 ]
 
 CROSS_KEY_VALUES = [
-    ("cut-layer", 4, "must be within pretrained-tiny-llama's blocks 1..3", {"model": "pretrained-tiny-llama", "dataset": "sentiment"}),
+    (
+        "cut-layer",
+        4,
+        "must be within pretrained-tiny-llama's blocks 1..3",
+        {"model": "pretrained-tiny-llama", "dataset": "sentiment"},
+    ),
     ("model", "pretrained-nope", "unknown pretrained model", {"dataset": "sentiment"}),
     ("zo.clip-grad-norm", -1.0, "must be a number >= 0", {}),
     ("client.lr-schedule", "linear", "must be one of constant, cosine", {}),

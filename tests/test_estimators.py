@@ -9,13 +9,12 @@ from torch import nn
 
 from hosfl_flower.config import ConfigError, all_options, resolve_run_config
 from hosfl_flower.flower.strategy import HOSFLStrategy
-from hosfl_flower.data import load_federated_data
 from hosfl_flower.models import build_split_model
-from hosfl_flower.records import ledger_to_record, record_to_ledger
-from hosfl_flower.reference import run_reference
 from hosfl_flower.protocols.hosfl import client as handlers
 from hosfl_flower.protocols.hosfl.messages import ProbeRequest
 from hosfl_flower.protocols.hosfl.sync import ledger_from_rows
+from hosfl_flower.records import ledger_to_record, record_to_ledger
+from hosfl_flower.reference import run_reference
 from hosfl_flower.task import server_model_and_test
 from hosfl_flower.zo import (
     DISTRIBUTIONS,
@@ -36,7 +35,7 @@ from hosfl_flower.zo import (
 )
 
 from .conftest import assert_equal_to_reference, load_results
-from .test_client import make_client, probe, smash
+from .test_client import make_client, smash
 
 
 def smooth_client(dtype=torch.float64):
@@ -53,7 +52,9 @@ def backprop_directional(module, forward, lam, seed, distribution="gaussian"):
     """``⟨J_cᵀ λ, u⟩`` with autograd: the exact directional derivative the estimators approximate."""
     params = trainable_parameters(module)
     grads = torch.autograd.grad(forward(), params, grad_outputs=lam)
-    return sum(float((g.double() * direction(seed, i, p, distribution).double()).sum()) for i, (g, p) in enumerate(zip(grads, params)))
+    return sum(
+        float((g.double() * direction(seed, i, p, distribution).double()).sum()) for i, (g, p) in enumerate(zip(grads, params))
+    )
 
 
 def test_estimator_names_agree_with_the_run_config():
@@ -194,8 +195,9 @@ def test_kept_directions_equal_redrawn_ones(monkeypatch, estimator, distribution
         model = conv_client()
         with torch.no_grad():
             z = model(x)
-        scalars = probe_scalars(estimator, lambda: model(x), model, torch.ones_like(z), [4, 5, 6], 1e-2,
-                                anchor=z, distribution=distribution)
+        scalars = probe_scalars(
+            estimator, lambda: model(x), model, torch.ones_like(z), [4, 5, 6], 1e-2, anchor=z, distribution=distribution
+        )
         runs.append((scalars, [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
@@ -303,12 +305,15 @@ def test_client_probe_uses_the_estimator_and_directions_it_is_sent(estimator, di
     replica = build_split_model("cnn", 2, 10, seed=0)
     apply_entry(replica.client_parameters(), make_client_optimizer("adamw"), entry)
     inputs = client.draw_batch(2).inputs
-    expected = probe_scalars(estimator, lambda: replica.smash(inputs)["z"], replica.client, lam, [5, 6, 7], 1e-3,
-                             distribution=distribution)
+    expected = probe_scalars(
+        estimator, lambda: replica.smash(inputs)["z"], replica.client, lam, [5, 6, 7], 1e-3, distribution=distribution
+    )
     assert scalars == expected
     other = "gaussian" if distribution == "rademacher" else "rademacher"
-    assert probe_scalars(estimator, lambda: replica.smash(inputs)["z"], replica.client, lam, [5, 6, 7], 1e-3,
-                         distribution=other) != expected
+    assert (
+        probe_scalars(estimator, lambda: replica.smash(inputs)["z"], replica.client, lam, [5, 6, 7], 1e-3, distribution=other)
+        != expected
+    )
 
 
 # --------------------------------------------------------------------------- Flower runs against the reference loop
@@ -316,6 +321,7 @@ SIMULATED = "num-server-rounds=6 clients-per-round=3 eval-every=3 seed=3"
 
 
 @pytest.mark.parametrize("variant", ["zo.estimator='central' zo.directions='rademacher'", "zo.estimator='jvp'"])
+@pytest.mark.slow
 def test_flower_run_with_an_estimator_variant_is_bit_identical_to_the_reference(simulate, variant):
     _, results = simulate(f"{SIMULATED} {variant}", num_supernodes=10)
     final, rows, summary = load_results(results)

@@ -24,9 +24,7 @@ from hosfl_flower.models.hf import (
 )
 from hosfl_flower.zo.directions import trainable_names
 
-FAMILIES = [
-    "tiny-gpt2", "tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert", "tiny-roberta"
-]
+FAMILIES = ["tiny-gpt2", "tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert", "tiny-roberta"]
 DECODERS = [name for name in FAMILIES if "bert" not in name]
 LORA = LoraSettings(rank=4, alpha=8.0)
 VERBALIZER_IDS = [5, 9, 17]
@@ -57,7 +55,12 @@ def build(name: str, task: str = "classification", lora: LoraSettings | None = N
     """A split model whose trainable tensors are all random (LoRA's B starts at zero otherwise)."""
     num_classes = len(VERBALIZER_IDS) if task == "verbalizer" else 3
     model = build_hf_split_model(
-        name, cut_layer, task, num_classes, seed=1, lora=lora,
+        name,
+        cut_layer,
+        task,
+        num_classes,
+        seed=1,
+        lora=lora,
         verbalizer_ids=VERBALIZER_IDS if task == "verbalizer" else None,
     )
     if lora is not None:
@@ -263,8 +266,12 @@ def test_load_text_task_from_local_files_with_a_saved_tokenizer(tmp_path):
     reviews.to_csv(tmp_path / "reviews.csv")
     sentiment_tokenizer().save_pretrained(tmp_path / "tokenizer")
     task = load_text_task(
-        "csv", str(tmp_path / "tokenizer"), max_length=16, data_files=str(tmp_path / "reviews.csv"),
-        template="{text} !", label_words=("bad", "good"),
+        "csv",
+        str(tmp_path / "tokenizer"),
+        max_length=16,
+        data_files=str(tmp_path / "reviews.csv"),
+        template="{text} !",
+        label_words=("bad", "good"),
     )
     assert task.num_classes == 2 and len(task.dataset) == 30 and task.max_length == 16
     assert task.verbalizer_ids == sentiment_task(10).verbalizer_ids

@@ -40,6 +40,7 @@ def iid():
     return _curves()
 
 
+@pytest.mark.slow
 def test_no_collapse_after_round_30_on_any_seed(iid):
     for seed, curve in iid["hosfl"].items():
         late = [(r, a) for r, a in curve if r >= STABLE_FROM]
@@ -47,12 +48,14 @@ def test_no_collapse_after_round_30_on_any_seed(iid):
         assert max(d for _, d in drops) <= MAX_DROP, (seed, [round(a, 3) for _, a in curve])
 
 
+@pytest.mark.slow
 def test_hosfl_beats_the_frozen_client_on_every_seed_iid(iid):
     for seed in SEEDS:
         hosfl, frozen = iid["hosfl"][seed][-1][1], iid["frozen"][seed][-1][1]
         assert hosfl >= frozen + IID_MARGIN, (seed, hosfl, frozen)
 
 
+@pytest.mark.slow
 def test_hosfl_learns_under_dirichlet_skew_and_beats_the_frozen_client():
     curves = _curves(**{"partitioner": "dirichlet", "dirichlet-alpha": 0.3})
     for seed in SEEDS:

@@ -13,6 +13,7 @@ LARGE_BATCH = {"batch-size": 1024}
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU peak memory reads /proc")
 
 
+@pytest.mark.slow
 def test_hosfl_peak_is_below_splitfed_on_a_large_batch():
     methods = ("inference", "hosfl", "splitfed-v2")
     with ThreadPoolExecutor(max_workers=2) as pool:  # one subprocess per case; they measure their own memory

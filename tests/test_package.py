@@ -8,14 +8,20 @@ from .conftest import ROOT
 
 
 def test_zeroth_order_engine_and_models_import_no_flower():
-    code = "import sys, hosfl_flower.zo, hosfl_flower.models, hosfl_flower.split_server; " \
-           "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')]; assert not bad, bad[:3]"
+    code = (
+        "import sys, hosfl_flower.zo, hosfl_flower.models, hosfl_flower.split_server; "
+        "bad = [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')]; assert not bad, bad[:3]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_protocol_server_parts_and_settings_import_no_flower():
     """A protocol's round logic and settings never touch Flower; only its messages speak records."""
-    parts = [p for p in (ROOT / "hosfl_flower" / "protocols").rglob("*.py") if p.name in ("server.py", "config.py", "sync.py", "base.py")]
+    parts = [
+        p
+        for p in (ROOT / "hosfl_flower" / "protocols").rglob("*.py")
+        if p.name in ("server.py", "config.py", "sync.py", "base.py")
+    ]
     assert len(parts) >= 12
     for path in parts:
         imports = [line for line in path.read_text().splitlines() if re.match(r"\s*(from|import) flwr", line)]
@@ -45,6 +51,8 @@ def test_readme_subclass_example_builds():
 
 def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    commands = [line for line in re.search(r"```bash\n(.*?)```", readme, re.S).group(1).splitlines() if line and not line.startswith("#")]
+    commands = [
+        line for line in re.search(r"```bash\n(.*?)```", readme, re.S).group(1).splitlines() if line and not line.startswith("#")
+    ]
     assert len(commands) == 2
     assert commands[1] in (ROOT / ".ci" / "run").read_text()

@@ -33,8 +33,17 @@ def test_cache_key_changes_with_everything_that_determines_the_checkpoint(monkey
     key = SMALL.key()
     assert PretrainSpec(**dataclasses.asdict(SMALL)).key() == key  # an equal spec: the same key
     changed = {
-        "base": "tiny-mistral", "overrides": (("hidden_size", 48),), "corpus_seed": 1, "corpus_documents": 401,
-        "max_length": 30, "steps": 21, "batch_size": 17, "lr": 1e-3, "warmup_steps": 6, "weight_decay": 0.0, "seed": 1,
+        "base": "tiny-mistral",
+        "overrides": (("hidden_size", 48),),
+        "corpus_seed": 1,
+        "corpus_documents": 401,
+        "max_length": 30,
+        "steps": 21,
+        "batch_size": 17,
+        "lr": 1e-3,
+        "warmup_steps": 6,
+        "weight_decay": 0.0,
+        "seed": 1,
     }
     assert set(changed) == {field.name for field in dataclasses.fields(PretrainSpec)}
     keys = {name: dataclasses.replace(SMALL, **{name: value}).key() for name, value in changed.items()}
@@ -70,8 +79,7 @@ def test_a_second_load_reuses_the_checkpoint(small_model, tmp_path, capsys, monk
     assert capsys.readouterr().out == ""
     # it loads through the ordinary split-model path, as a local checkpoint directory
     config = resolve_run_config(
-        {"model": small_model, "pretrain.cache-dir": str(tmp_path), "dataset": "sentiment", "cut-layer": 1,
-         "lora.rank": 4}
+        {"model": small_model, "pretrain.cache-dir": str(tmp_path), "dataset": "sentiment", "cut-layer": 1, "lora.rank": 4}
     )
     from hosfl_flower.data import DataInfo
 
@@ -88,6 +96,7 @@ def test_two_builds_give_equal_tensors(small_model, tmp_path):
     assert all(torch.equal(first[k], second[k]) for k in first)  # bit for bit: one thread, fixed seeds
 
 
+@pytest.mark.slow
 def test_the_pretrained_model_beats_random_initialisation_on_held_out_text(tmp_path):
     name = "pretrained-tiny-llama"
     spec = PRETRAINED_MODELS[name]
@@ -103,9 +112,7 @@ def test_the_pretrained_model_beats_random_initialisation_on_held_out_text(tmp_p
 def test_a_bad_cache_dir_is_a_one_line_error(small_model, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    config = resolve_run_config(
-        {"model": small_model, "pretrain.cache-dir": str(blocker / "cache"), "dataset": "sentiment"}
-    )
+    config = resolve_run_config({"model": small_model, "pretrain.cache-dir": str(blocker / "cache"), "dataset": "sentiment"})
     with pytest.raises(ConfigError) as error:
         model_source(config)
     assert error.value.key == "pretrain.cache-dir"

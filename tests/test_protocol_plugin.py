@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -46,10 +46,12 @@ class StatsReply(Reply):
     lie_field: ClassVar[str | None] = "counts"
 
     def to_record(self) -> RecordDict:
-        return RecordDict({"stats": MetricRecord({"counts": self.counts}), "meta": self.meta(**{"num-examples": self.num_examples})})
+        return RecordDict(
+            {"stats": MetricRecord({"counts": self.counts}), "meta": self.meta(**{"num-examples": self.num_examples})}
+        )
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "StatsReply":
+    def from_record(cls, content, request=None, spec=None) -> StatsReply:
         stats = require_record(content, "stats", MetricRecord)
         meta = require_record(content, "meta", ConfigRecord)
         counts = require_scalars(stats, "counts", spec.num_classes)
@@ -71,7 +73,7 @@ class StatsRequest(Payload):
         return RecordDict({"toy": ConfigRecord({"scale": self.scale})})
 
     @classmethod
-    def from_record(cls, content, request=None, spec=None) -> "StatsRequest":
+    def from_record(cls, content, request=None, spec=None) -> StatsRequest:
         return cls(float(require_value(require_record(content, "toy", ConfigRecord), "scale", float)))
 
 
@@ -131,10 +133,15 @@ SIMULATED = "strategy='toy-stats' toy.scale=2.0 num-server-rounds=3 clients-per-
 
 @pytest.fixture
 def simulate_plugin(simulate, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-    return lambda overrides, num_supernodes=4: simulate(overrides, num_supernodes=num_supernodes, app="tests.test_protocol_plugin")
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+    )
+    return lambda overrides, num_supernodes=4: simulate(
+        overrides, num_supernodes=num_supernodes, app="tests.test_protocol_plugin"
+    )
 
 
+@pytest.mark.slow
 def test_a_protocol_from_a_test_file_runs_in_flower_and_in_the_reference_loop(simulate_plugin):
     from hosfl_flower.reference import run_reference
 
@@ -153,6 +160,7 @@ def test_a_protocol_from_a_test_file_runs_in_flower_and_in_the_reference_loop(si
     assert not torch.equal(default.model.server[-1].bias, final["server"][f"{len(default.model.server) - 1}.bias"])
 
 
+@pytest.mark.slow
 def test_its_replies_are_validated_and_a_lying_node_is_rejected(simulate_plugin):
     from .conftest import load_results
 

@@ -13,6 +13,7 @@ FAULTS = "faults.failure-rate=0.3 faults.nan-partition=1 faults.wrong-count-part
 
 
 @pytest.mark.parametrize("strategy", ["splitfed-v2", "heron-sfl", "zo-sfl"])
+@pytest.mark.slow
 def test_faulty_replies_never_reach_the_model(simulate, strategy):
     _, results = simulate(
         f"strategy='{strategy}' num-server-rounds=8 eval-every=1 clients-per-round=4 min-replies=2 "

@@ -27,6 +27,7 @@ EXACT = [
 
 
 @pytest.mark.parametrize("strategy,extra,nodes", EXACT, ids=[s for s, *_ in EXACT])
+@pytest.mark.slow
 def test_flower_run_equals_the_reference_loop(simulate, strategy, extra, nodes):
     _, results = simulate(f"strategy='{strategy}' num-server-rounds=3 eval-every=3 seed=5 {extra}", num_supernodes=nodes)
     final, rows, summary = load_results(results)

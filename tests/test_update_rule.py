@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hosfl_flower.zo import ClientUpdateRule, LedgerEntry, SGD, apply_entry, estimate_gradient, estimate_norm
+from hosfl_flower.zo import SGD, ClientUpdateRule, LedgerEntry, apply_entry, estimate_gradient, estimate_norm
 
 
 def _params():

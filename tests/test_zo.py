@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from hosfl_flower.zo import (
-    AdamW,
     SGD,
+    AdamW,
     Ledger,
     LedgerEntry,
     aggregate_scalars,
