@@ -74,6 +74,15 @@ CORE_OPTIONS: dict[str, Option] = {
     "faults.wrong-count-partition": Option(
         -1, "fault injection: this partition replies with one value too few (-1: none)", minimum=-1
     ),
+    "faults.byzantine-partition": Option(
+        -1, "fault injection: this partition attacks the aggregation every round (-1: none)", minimum=-1
+    ),
+    "faults.byzantine-mode": Option(
+        "huge",
+        "how the byzantine partition attacks: huge (in-bound values of 1e11), flip (the honest update sign-flipped and "
+        "tripled) or mixed (huge on odd rounds, flip on even ones)",
+        choices=("huge", "flip", "mixed"),
+    ),
     "results-dir": Option("results", "where per-round results and the final model are written"),
 }
 

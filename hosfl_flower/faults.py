@@ -10,6 +10,12 @@ Driven by the run config (all off by default):
   names as :attr:`~hosfl_flower.protocols.messages.Payload.lie_field` (HO-SFL's probe scalars; the
   smashed activations in protocols without scalar replies).
 - ``faults.wrong-count-partition``: that partition's replies carry one value too few there.
+- ``faults.byzantine-partition``: that partition falsifies, every round, the fields its reply type
+  names as :attr:`~hosfl_flower.protocols.messages.Payload.attack_fields` (what the server
+  aggregates), as ``faults.byzantine-mode`` says: ``huge`` replaces every value by ``±1e11`` (inside
+  the validation bound), ``flip`` sends the honest update sign-flipped and tripled (scalars ``−3 v``;
+  a state ``θ_ref − 3 (θ − θ_ref)`` from the state it was sent; perturbed activations
+  ``z − 3 (z̃ − z)``), ``mixed`` is ``huge`` on odd rounds and ``flip`` on even ones.
 
 Query messages (``query.hello``, ``query.sync``) are never faulted, so discovery and the final
 synchronisation report the true state of every node.
@@ -18,6 +24,7 @@ synchronisation report the true state of every node.
 from __future__ import annotations
 
 import dataclasses
+import math
 import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -63,9 +70,22 @@ def fault_mod(
     return reply
 
 
-def lie(config: Mapping[str, Any], partition_id: int, message_type: str, reply: Payload) -> Payload:
-    """The reply a lying node sends (``faults.nan-partition`` / ``faults.wrong-count-partition``)."""
-    if not message_type.startswith("train") or reply.lie_field is None:
+HUGE = 1e11
+"""What a ``huge`` byzantine value is worth (in magnitude): inside the validation bound of 1e12."""
+
+_SENT: dict[tuple[int, tuple[str, ...]], dict[str, torch.Tensor]] = {}
+"""The last state each byzantine partition was sent, by its keys (the reference a ``flip`` reflects through)."""
+
+
+def lie(config: Mapping[str, Any], partition_id: int, request: Payload, reply: Payload, server_round: int = 0) -> Payload:
+    """The reply a lying or byzantine node sends for ``request`` (``faults.nan-partition``,
+    ``faults.wrong-count-partition``, ``faults.byzantine-*``); honest nodes' replies are returned as they are."""
+    message_type = request.message_type
+    if not message_type.startswith("train"):
+        return reply
+    if partition_id == config["faults.byzantine-partition"]:
+        return attack(config["faults.byzantine-mode"], partition_id, request, reply, server_round)
+    if reply.lie_field is None:
         return reply
     if partition_id == config["faults.nan-partition"]:
         how = "nan"
@@ -87,3 +107,42 @@ def _corrupt(value: Any, how: str) -> Any:
     if isinstance(value, list):
         return [float("nan")] * len(value) if how == "nan" else value[:-1]
     raise TypeError(f"cannot corrupt a {type(value).__name__}")
+
+
+def attack(mode: str, partition_id: int, request: Payload, reply: Payload, server_round: int) -> Payload:
+    """``reply`` with its :attr:`~hosfl_flower.protocols.messages.Payload.attack_fields` falsified (see the module docstring)."""
+    for item in dataclasses.fields(request):  # type: ignore[arg-type]  # every Payload is a dataclass
+        value = getattr(request, item.name)
+        if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            _SENT[(partition_id, tuple(sorted(value)))] = {k: v.detach().clone() for k, v in value.items()}
+    if not reply.attack_fields:
+        return reply
+    how = mode if mode != "mixed" else ("huge" if server_round % 2 else "flip")
+    changed = {}
+    for name in reply.attack_fields:
+        value = getattr(reply, name)
+        if name == "perturbed" and isinstance(getattr(reply, "batch", None), SmashedBatch):
+            z = reply.batch.smashed["z"]  # type: ignore[attr-defined]
+            changed[name] = [_huge(t) if how == "huge" else z - 3.0 * (t - z) for t in value]
+        elif isinstance(value, dict):
+            sent = _SENT.get((partition_id, tuple(sorted(value))), {})
+            changed[name] = {k: _falsify(v, how, sent.get(k)) for k, v in value.items()}
+        elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+            changed[name] = [math.copysign(HUGE, v) if how == "huge" else -3.0 * v for v in value]
+        elif value is not None:
+            raise TypeError(f"cannot falsify {type(reply).__name__}.{name} ({type(value).__name__})")
+    lied: Any = reply
+    return dataclasses.replace(lied, **changed)
+
+
+def _huge(tensor: torch.Tensor) -> torch.Tensor:
+    return torch.where(tensor < 0, -HUGE, HUGE).to(tensor.dtype)
+
+
+def _falsify(tensor: torch.Tensor, how: str, sent: torch.Tensor | None) -> torch.Tensor:
+    if not tensor.is_floating_point():
+        return tensor
+    if how == "huge":
+        return _huge(tensor)
+    reference = sent if sent is not None and sent.shape == tensor.shape else torch.zeros_like(tensor)
+    return reference - 3.0 * (tensor - reference)

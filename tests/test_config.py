@@ -27,7 +27,12 @@ def test_pyproject_holds_every_key_with_its_default():
 BAD_VALUES = [
     ("zo.num-perturbations", -1, "must be an integer >= 0"),
     ("zo.num-perturbations", 2.5, "must be an integer"),
-    ("zo.mu", 0.0, "must be a number > 0"),
+    ("zo.mu", 0.0, "must be a number >= 1e-07 and <= 1"),
+        ("zo.mu", 1e-300, "must be a number >= 1e-07"),
+        ("zo.num-perturbations", 10**7, "must be an integer >= 0 and <= 10000"),
+        ("aggregation.rule", "mode", "must be one of mean, median, trimmed-mean, clipped-mean"),
+        ("aggregation.trim-fraction", 0.6, "<= 0.5"),
+        ("zo.max-update-norm", 0.0, "must be a number > 0"),
     ("client.optimizer", "lion", "must be one of sgd, adamw"),
     ("zo.estimator", "backward", "must be one of forward, central, jvp"),
     ("zo.directions", "uniform", "must be one of gaussian, rademacher"),

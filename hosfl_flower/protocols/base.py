@@ -22,6 +22,7 @@ from ..options import Settings
 from ..options import setting as _s
 from ..schedule import RoundSchedule
 from ..split_server import RaySplitServer, SplitServer
+from .aggregation import AGGREGATORS, Aggregator, ReplyBound
 from .messages import ModelSpec, Payload, ReplyError
 
 LOG = getLogger("flwr")
@@ -84,6 +85,34 @@ class RunSettings(Settings):
     min_replies: int = _s(
         "min-replies", 1, "a round needs this many valid replies in every exchange, else it is skipped unchanged", minimum=1
     )
+    aggregation: str = _s(
+        "aggregation.rule",
+        "mean",
+        "how replies are combined: mean (weighted by examples, the papers'), or the robust median, trimmed-mean "
+        "or clipped-mean (coordinate-wise; scalar uplinks and model states alike)",
+        choices=AGGREGATORS,
+    )
+    trim_fraction: float = _s(
+        "aggregation.trim-fraction",
+        0.2,
+        "trimmed-mean: share of replies dropped at each end of every coordinate",
+        minimum=0.0,
+        maximum=0.5,
+    )
+    clip_factor: float = _s(
+        "aggregation.clip-factor",
+        2.0,
+        "clipped-mean: a reply's distance from the median is clipped to this multiple of the median distance",
+        minimum=0.0,
+        exclusive_minimum=True,
+    )
+    reply_bound: float = _s(
+        "aggregation.reply-bound",
+        10.0,
+        "reject a reply larger than this multiple of the median size of accepted replies (HO-SFL: |v|/|λ|; "
+        "ZO-SFL: loss differences; model states: distance from the sent state); 0: off",
+        minimum=0.0,
+    )
 
 
 class ServerHooks:
@@ -126,6 +155,8 @@ class ProtocolServer(ABC, Generic[S]):
         self.settings = settings
         self.split_server = split_server
         self.hooks = hooks or ServerHooks()
+        self.aggregator = Aggregator(run.aggregation, run.trim_fraction, run.clip_factor)
+        self.reply_bound = ReplyBound(run.reply_bound)
 
     @classmethod
     def planned_cost(cls, settings: S, run: RunSettings) -> tuple[int, int]:
@@ -181,6 +212,18 @@ class ProtocolServer(ABC, Generic[S]):
     def weights(self, server_round: int, num_examples: Sequence[int]) -> list[float]:
         """:meth:`ServerHooks.aggregation_weights` of the kept replies, given their numbers of examples."""
         return [float(w) for w in self.hooks.aggregation_weights(server_round, list(num_examples))]
+
+    def screen(self, link: Link, sizes: Mapping[NodeInfo, float], what: str) -> set[NodeInfo]:
+        """The nodes whose reply :attr:`reply_bound` rejects (each counted as ``out-of-bound``)."""
+        rejected = self.reply_bound.screen(sizes)
+        for node in sorted(rejected, key=lambda n: n.partition_id):
+            link.reject("out-of-bound", node, f"{what} of size {sizes[node]:.3g}")
+        return rejected
+
+    def expected_rows(self, node: NodeInfo) -> int:
+        """The rows of a node's minibatch: ``min(batch-size, its partition size)`` (a reply with other
+        rows is rejected, so a node cannot raise its own aggregation weight)."""
+        return min(self.run.batch_size, node.num_examples)
 
     def client_state(self) -> dict[str, torch.Tensor]:
         """A copy of the global ``θ_c``."""

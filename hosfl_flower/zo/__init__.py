@@ -29,7 +29,7 @@ from .estimator import (
 )
 from .ledger import Ledger, LedgerEntry, apply_entry, replay, zo_gradient
 from .optim import CLIENT_OPTIMIZERS, SGD, AdamW, ClientOptimizer, make_client_optimizer
-from .update import LR_SCHEDULES, ClientUpdateRule, estimate_norm
+from .update import LR_SCHEDULES, ClientUpdateRule, cap_entry, estimate_norm
 
 __all__ = [
     "AdamW",
@@ -37,6 +37,7 @@ __all__ = [
     "DISTRIBUTIONS",
     "ESTIMATORS",
     "ClientUpdateRule",
+    "cap_entry",
     "LR_SCHEDULES",
     "ClientOptimizer",
     "Ledger",

@@ -46,6 +46,8 @@ class ClientUpdateRule:
     total_rounds: int = 1
     clip_grad_norm: float = 0.0
     directions: str = "gaussian"
+    max_update_norm: float = math.inf
+    """Hard cap on ``‖ĝ‖`` applied even with clipping off, so no entry replays an unbounded step."""
 
     def __post_init__(self) -> None:
         if self.schedule not in LR_SCHEDULES:
@@ -61,6 +63,7 @@ class ClientUpdateRule:
             total_rounds=config["num-server-rounds"],
             clip_grad_norm=config["zo.clip-grad-norm"],
             directions=config["zo.directions"],
+            max_update_norm=config["zo.max-update-norm"],
         )
 
     def lr_at(self, server_round: int) -> float:
@@ -73,7 +76,8 @@ class ClientUpdateRule:
     def entry(
         self, server_round: int, seeds: Sequence[int], scalars: Sequence[float], params: Sequence[torch.Tensor]
     ) -> LedgerEntry:
-        """The ledger entry of a round: ``v̄`` scaled down if ``‖ĝ‖`` exceeds the clip, at the round's rate.
+        """The ledger entry of a round: ``v̄`` scaled down if ``‖ĝ‖`` exceeds the clip (or the hard
+        cap ``max_update_norm``), at the round's rate.
 
         ``params`` are the client parameters the entry will be applied to (the server's replica), used
         only to measure ``‖ĝ‖``; they are not changed.
@@ -81,9 +85,16 @@ class ClientUpdateRule:
         entry = LedgerEntry(
             server_round, tuple(seeds), tuple(float(v) for v in scalars), self.lr_at(server_round), self.mu, self.directions
         )
-        if self.clip_grad_norm > 0.0 and entry.seeds:
-            norm = estimate_norm(params, entry)
-            if norm > self.clip_grad_norm:
-                scale = self.clip_grad_norm / norm
-                entry = dataclasses.replace(entry, scalars=tuple(v * scale for v in entry.scalars))
+        return cap_entry(entry, params, self.clip_grad_norm, self.max_update_norm)
+
+
+def cap_entry(entry: LedgerEntry, params: Sequence[torch.Tensor], clip: float, cap: float = math.inf) -> LedgerEntry:
+    """``entry`` with ``v̄`` scaled down so that ``‖ĝ‖ ≤ min(clip, cap)`` (``clip = 0``: only ``cap``)."""
+    limit = min(clip, cap) if clip > 0.0 else cap
+    if not entry.seeds or not math.isfinite(limit):
         return entry
+    norm = estimate_norm(params, entry)
+    if norm > limit:
+        scale = limit / norm
+        entry = dataclasses.replace(entry, scalars=tuple(v * scale for v in entry.scalars))
+    return entry

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...split_server import RaySplitServer
-from ..aggregation import weighted_average
+from ..aggregation import state_distance
 from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from .config import FedAvgSettings
 from .messages import FedAvgRequest
@@ -33,12 +33,15 @@ class FedAvgServer(ProtocolServer[FedAvgSettings]):
         steps, lr = self.settings.local_steps, self.settings.lr
         model = {key: value.detach().clone() for key, value in self.model.state_dict().items()}
         replies = link.exchange([(node, FedAvgRequest(model, steps, lr)) for node in nodes])
+        sizes = {node: state_distance(reply.weights, model) for node, reply in replies.items()}
+        rejected = self.screen(link, sizes, "model")
+        replies = {node: reply for node, reply in replies.items() if node not in rejected}
         samples = sum(steps * min(self.run.batch_size, reply.num_examples) for reply in replies.values())
         metrics: dict[str, Any] = {"sampled": len(nodes), "replies": len(replies), "samples": samples, "server-steps": 0}
         if not self.enough(replies, "train", metrics):
             return metrics
         weights = self.weights(server_round, [node.num_examples for node in replies])
-        self.model.load_state_dict(weighted_average([reply.weights for reply in replies.values()], weights))
+        self.model.load_state_dict(self.aggregator.states([reply.weights for reply in replies.values()], weights))
         self.share_server_weights()
         metrics["train-loss"] = sum(reply.train_loss for reply in replies.values()) / len(replies)
         return metrics

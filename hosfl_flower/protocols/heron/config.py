@@ -16,7 +16,9 @@ class HeronSettings(Settings):
     upload_every: int = setting("heron.upload-every", 2, "k: upload a smashed batch every k local steps", minimum=1)
     lr: float = setting("heron.lr", 0.003, "learning rate of heron-sfl's client steps", minimum=0.0)
     head: str = setting("heron.head", "linear", "auxiliary head on the client: linear or mlp", choices=AUX_HEADS)
-    mu: float = setting("zo.mu", 1e-3, "μ: perturbation scale", minimum=0.0, exclusive_minimum=True)
+    mu: float = setting(
+        "zo.mu", 1e-3, "μ: perturbation scale (below 1e-7 it vanishes in float32 weights)", minimum=1e-7, maximum=1.0
+    )
 
     def check(self) -> None:
         """A round uploads at least one batch: ``heron.upload-every <= heron.local-steps``."""

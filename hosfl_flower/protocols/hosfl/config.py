@@ -12,15 +12,20 @@ from ...zo.estimator import ESTIMATORS
 from ...zo.optim import CLIENT_OPTIMIZERS
 from ...zo.update import LR_SCHEDULES, ClientUpdateRule
 
+MAX_PERTURBATIONS = 10_000
+"""Largest ``P`` (each is a scalar per node per round and a seed in every ledger entry)."""
+
 
 @dataclass(frozen=True)
 class HOSFLSettings(Settings):
     """How the clients estimate and take their zeroth-order step (docs/protocols.md, "HO-SFL")."""
 
     num_perturbations: int = setting(
-        "zo.num-perturbations", 20, "P: seeded directions per round (0 freezes the client)", minimum=0
+        "zo.num-perturbations", 20, "P: seeded directions per round (0 freezes the client)", minimum=0, maximum=MAX_PERTURBATIONS
     )
-    mu: float = setting("zo.mu", 1e-3, "μ: perturbation scale", minimum=0.0, exclusive_minimum=True)
+    mu: float = setting(
+        "zo.mu", 1e-3, "μ: perturbation scale (below 1e-7 it vanishes in float32 weights)", minimum=1e-7, maximum=1.0
+    )
     estimator: str = setting(
         "zo.estimator",
         "forward",
@@ -38,6 +43,14 @@ class HOSFLSettings(Settings):
         5.0,
         "clip the L2 norm of the aggregated client estimate ĝ to this value before the step (0: off)",
         minimum=0.0,
+    )
+    max_update_norm: float = setting(
+        "zo.max-update-norm",
+        1000.0,
+        "hard cap on the norm of every ledger entry's estimate ĝ, applied even with zo.clip-grad-norm 0, so that no "
+        "node ever replays an unbounded step",
+        minimum=0.0,
+        exclusive_minimum=True,
     )
     lr_schedule: str = setting(
         "client.lr-schedule",
@@ -59,6 +72,7 @@ class HOSFLSettings(Settings):
             total_rounds=num_rounds,
             clip_grad_norm=self.clip_grad_norm,
             directions=self.directions,
+            max_update_norm=self.max_update_norm,
         )
 
 

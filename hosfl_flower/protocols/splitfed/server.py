@@ -11,16 +11,18 @@ when the copies are Ray actors) and averages the copies at the end of the round.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ...split_server import RaySplitServer, SplitServer, StepResult, average_states, step_each
-from ..aggregation import weighted_average
+from ..aggregation import state_distance
 from ..base import Link, NodeInfo, ProtocolServer, RunSettings
+from ..messages import ReplyError
 from .config import SplitFedSettings
-from .messages import SplitFedGradReply, SplitFedGradRequest, SplitFedSmashRequest
+from .messages import SplitFedGradReply, SplitFedGradRequest, SplitFedSmashReply, SplitFedSmashRequest
 
 Batch = tuple[Mapping[str, torch.Tensor], torch.Tensor]
 
@@ -63,10 +65,12 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
         losses: list[float] = []
         self.begin_round(nodes)
         finished = self.train_steps(server_round, nodes, link, metrics, losses)
+        if finished is not None:
+            finished = self.bounded_states(link, finished, "client segment")
         if finished is not None and self.enough(finished, "final", metrics):
             weights = self.weights(server_round, [node.num_examples for node in finished])
             states = [reply.weights for reply in finished.values() if reply.weights is not None]
-            self.model.load_client_state(weighted_average(states, weights))
+            self.model.load_client_state(self.aggregator.states(states, weights))
             self.end_round(list(finished), weights)
         else:
             self.end_round([], [])
@@ -74,6 +78,23 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
             metrics["train-loss"] = sum(losses) / len(losses)
         metrics["server-steps"] = 0 if metrics.get("skipped") else len(losses)
         return metrics
+
+    def check_rows(self, node: NodeInfo, reply: SplitFedSmashReply) -> None:
+        """A smashed minibatch must have the rows the server expects of the node."""
+        if reply.num_examples != self.expected_rows(node):
+            raise ReplyError("wrong-count", f"{reply.num_examples} rows, expected {self.expected_rows(node)}")
+
+    def bounded_states(
+        self, link: Link, replies: Mapping[NodeInfo, SplitFedGradReply], what: str
+    ) -> dict[NodeInfo, SplitFedGradReply]:
+        """The replies whose ``θ_c`` lies within ``aggregation.reply-bound`` (size: distance from the round's global ``θ_c``)."""
+        start = self.model.client_state()
+        sizes = {
+            node: state_distance(reply.weights, start) if reply.weights is not None else math.inf
+            for node, reply in replies.items()
+        }
+        rejected = self.screen(link, sizes, what)
+        return {node: reply for node, reply in replies.items() if node not in rejected}
 
     def train_steps(
         self, server_round: int, nodes: Sequence[NodeInfo], link: Link, metrics: dict[str, Any], losses: list[float]
@@ -95,7 +116,7 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
     ) -> dict[NodeInfo, SplitFedGradReply] | None:
         """One step with ``nodes``: smash, a server step per node, gradients down; ``None`` if too few smashed."""
         weights = self.client_state() if step == 0 else None
-        smashed = link.exchange([(node, SplitFedSmashRequest(step, weights)) for node in nodes])
+        smashed = link.exchange([(node, SplitFedSmashRequest(step, weights)) for node in nodes], check=self.check_rows)
         if not self.enough(smashed, "smash", metrics):
             return None
         results = self.server_steps(list(smashed), [(reply.batch.smashed, reply.batch.labels) for reply in smashed.values()])

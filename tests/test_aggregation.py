@@ -1,0 +1,95 @@
+"""The aggregation rules, the reply bound, the hard cap on ledger updates and the server-fixed rows
+(hosfl_flower/protocols/aggregation.py, zo/update.py): exact values on small inputs."""
+
+import math
+
+import pytest
+import torch
+
+from hosfl_flower.protocols.aggregation import Aggregator, ReplyBound, combine_rows, state_distance, weighted_average
+from hosfl_flower.zo import LedgerEntry, cap_entry, estimate_norm
+
+ROWS = torch.tensor([[1.0, 10.0], [2.0, -5.0], [100.0, 0.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    ("rule", "expected"),
+    [
+        ("mean", [(1 * 1 + 2 * 1 + 100 * 2) / 4, (10 - 5 + 0) / 4]),
+        ("median", [2.0, 0.0]),
+        ("trimmed-mean", [2.0, 0.0]),  # 3 replies, β = 0.2: one dropped at each end
+    ],
+)
+def test_coordinate_wise_rules(rule, expected):
+    combined = combine_rows(rule, ROWS, [1.0, 1.0, 2.0], trim_fraction=0.2, clip_factor=2.0)
+    assert combined.tolist() == pytest.approx(expected)
+
+
+def test_median_of_an_even_count_is_the_mean_of_the_middle_two():
+    rows = torch.tensor([[1.0], [2.0], [4.0], [100.0]], dtype=torch.float64)
+    assert combine_rows("median", rows, [1, 1, 1, 1], 0.2, 2.0).item() == 3.0
+    assert combine_rows("trimmed-mean", rows, [1, 1, 1, 1], 0.25, 2.0).item() == 3.0
+    assert combine_rows("trimmed-mean", rows, [1, 1, 1, 1], 0.0, 2.0).item() == pytest.approx(107 / 4)
+
+
+def test_clipped_mean_bounds_the_influence_of_one_far_reply():
+    honest = torch.tensor([[1.0, 1.0], [1.2, 0.8], [0.8, 1.2]], dtype=torch.float64)
+    attacked = torch.cat([honest, torch.tensor([[1e11, -1e11]], dtype=torch.float64)])
+    combined = combine_rows("clipped-mean", attacked, [1, 1, 1, 1], 0.2, 2.0)
+    assert float((combined - torch.tensor([1.0, 1.0], dtype=torch.float64)).norm()) < 0.5
+    mean = combine_rows("mean", attacked, [1, 1, 1, 1], 0.2, 2.0)
+    assert float(mean.abs().max()) > 1e10
+
+
+def test_weights_cannot_buy_influence_under_the_robust_rules():
+    heavy = [1.0, 1.0, 1e9]
+    assert combine_rows("median", ROWS, heavy, 0.2, 2.0).tolist() == [2.0, 0.0]
+    assert combine_rows("mean", ROWS, heavy, 0.2, 2.0)[0] > 99
+
+
+def test_state_rules_treat_a_state_as_one_vector_and_keep_integer_tensors():
+    states = [
+        {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0]), "n": torch.tensor(3)},
+        {"w": torch.tensor([3.0, 2.5]), "b": torch.tensor([1.0]), "n": torch.tensor(4)},
+        {"w": torch.tensor([-1e11, 1e11]), "b": torch.tensor([1e11]), "n": torch.tensor(5)},
+    ]
+    median = Aggregator("median").states(states, [1, 1, 1])
+    assert median["w"].tolist() == [1.0, 2.5] and median["b"].tolist() == [1.0] and median["n"].item() == 3
+    assert median["w"].dtype == torch.float32 and list(median) == ["w", "b", "n"]
+    mean = Aggregator("mean").states(states[:2], [1, 3])
+    assert all(torch.equal(mean[k], weighted_average(states[:2], [1, 3])[k]) for k in mean)
+
+
+def test_aggregator_scalars_and_bad_input():
+    assert Aggregator("median").scalars([[1.0, -1.0], [3.0, -3.0], [1e11, 1e11]], [1, 1, 1]) == (3.0, -1.0)
+    with pytest.raises(ValueError, match="one length"):
+        Aggregator("median").scalars([[1.0], [1.0, 2.0]], [1, 1])
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        Aggregator("mode")
+    with pytest.raises(ValueError, match="positive"):
+        weighted_average([{"w": torch.ones(1)}, {"w": torch.ones(1)}], [100, -100])
+
+
+def test_reply_bound_rejects_far_and_non_finite_replies_and_remembers_the_rest():
+    bound = ReplyBound(10.0)
+    assert bound.screen({"a": 1.0, "b": 1.5, "c": 1e6}) == {"c"}
+    assert list(bound.history) == [1.0, 1.5]
+    assert bound.screen({"a": 2.0, "b": math.nan, "c": 14.0}) == {"b"}  # median of 1, 1.5, 2, 14 is 1.75
+    assert bound.screen({"a": 1.0, "c": 20.0}) == {"c"}  # with two replies the history decides
+    assert ReplyBound(0.0).screen({"a": 1.0, "c": 1e30, "d": math.inf}) == {"d"}
+
+
+def test_state_distance():
+    a = {"w": torch.tensor([3.0, 0.0]), "n": torch.tensor(1)}
+    b = {"w": torch.tensor([0.0, 4.0]), "n": torch.tensor(9)}
+    assert state_distance(a, b) == 5.0
+
+
+def test_the_hard_cap_bounds_every_ledger_entry_even_with_clipping_off():
+    params = [torch.randn(50, generator=torch.Generator().manual_seed(0))]
+    entry = LedgerEntry(1, (11, 12, 13), (1e11, -1e11, 5e10), 0.3, 1e-3)
+    capped = cap_entry(entry, params, clip=0.0, cap=1000.0)
+    assert estimate_norm(params, capped) == pytest.approx(1000.0, rel=1e-5)
+    assert cap_entry(entry, params, clip=5.0, cap=1000.0).scalars == cap_entry(entry, params, clip=5.0).scalars
+    small = LedgerEntry(1, (11,), (1e-6,), 0.3, 1e-3)
+    assert cap_entry(small, params, clip=0.0, cap=1000.0) is small
