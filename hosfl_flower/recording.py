@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from logging import INFO
 from pathlib import Path
@@ -15,31 +17,50 @@ from torch import nn
 
 
 class RunRecorder:
-    """Logs one line per round and writes ``rounds.jsonl``, ``final-model.pt`` and ``summary.json``."""
+    """Logs one line per round and writes ``rounds.jsonl``, ``final-model.pt`` and ``summary.json``.
+
+    Nothing in ``directory`` is created, truncated or replaced until :meth:`restore` or the first
+    :meth:`record` (the strategy calls them once a resume has been validated), so a refused resume
+    leaves an earlier run's results as they were; ``rounds.jsonl`` is then replaced atomically.
+    """
 
     def __init__(self, name: str, directory: Path | None, num_rounds: int) -> None:
         self.name = name
         self.directory = directory
         self.num_rounds = num_rounds
         self.rows: list[dict[str, Any]] = []
-        if directory is not None:
-            directory.mkdir(parents=True, exist_ok=True)
-            (directory / "rounds.jsonl").write_text("")
+        self.started = False
 
     def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Start from the rows of a resumed run (written again, not logged)."""
+        """Start from the rows of a resumed run (written again, not logged); ``rounds.jsonl`` holds them alone."""
         self.rows = [dict(row) for row in rows]
-        if self.directory is not None:
-            with open(self.directory / "rounds.jsonl", "w") as handle:
-                handle.writelines(json.dumps(row) + "\n" for row in rows)
+        self._write_all()
 
     def record(self, row: Mapping[str, Any]) -> None:
         """Keep, write and log one round's row."""
+        if not self.started:
+            self._write_all()
         self.rows.append(dict(row))
         if self.directory is not None:
             with open(self.directory / "rounds.jsonl", "a") as handle:
                 handle.write(json.dumps(row) + "\n")
         log(INFO, self.line(row))
+
+    def _write_all(self) -> None:
+        """Replace ``rounds.jsonl`` by the rows kept so far (a temporary file renamed over it)."""
+        self.started = True
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(prefix=".rounds-", suffix=".jsonl", dir=self.directory)
+        try:
+            os.chmod(temporary, 0o644)  # as a plainly written file (mkstemp makes it private)
+            with os.fdopen(handle, "w") as file:
+                file.writelines(json.dumps(row) + "\n" for row in self.rows)
+            os.replace(temporary, self.directory / "rounds.jsonl")
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
     def line(self, row: Mapping[str, Any]) -> str:
         """``[name] round r/T | test acc | loss | train loss | bytes | rejected``."""

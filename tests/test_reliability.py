@@ -226,12 +226,28 @@ def test_a_state_that_does_not_fit_is_refused_before_anything_loads(saved_run, t
 
 
 @pytest.mark.slow
-def test_a_load_that_fails_halfway_is_rolled_back(saved_run, tmp_path):
+def test_a_bad_schedule_is_refused_before_anything_loads(saved_run, tmp_path):
     checkpoints, config = saved_run
     content = read_checkpoint(checkpoints)
     content["state"]["schedule"] = {"bit_generator": "no-such-generator"}
     save_checkpoint(tmp_path, content["round"], content["config"], content["state"])
-    _refused_and_unchanged(_strategy(config, tmp_path), "does not load")
+    _refused_and_unchanged(_strategy(config, tmp_path), "schedule is of generator 'no-such-generator'")
+
+
+@pytest.mark.slow
+def test_a_load_that_fails_halfway_is_rolled_back(saved_run, monkeypatch):
+    checkpoints, config = saved_run
+    strategy = _strategy(config, checkpoints)
+    load_state, calls = strategy.protocol.load_state, []
+
+    def fail_once(state):  # the protocol's part loads last, after the segments, the schedule and the history
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("disk on fire")
+        load_state(state)
+
+    monkeypatch.setattr(strategy.protocol, "load_state", fail_once)
+    _refused_and_unchanged(strategy, "does not load: disk on fire")
 
 
 def test_a_missing_checkpoint_is_refused(tmp_path):

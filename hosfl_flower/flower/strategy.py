@@ -179,7 +179,7 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         self.train_config = train_config or ConfigRecord()
         self.summary()
         result, recorder = Result(), RunRecorder(self.name, self.results_dir, self.num_rounds)
-        first_round = self.resume() + 1 if self.cfg["resume"] else 1
+        first_round = self.start_checkpoints()  # checks checkpoint-dir, resumes; nothing is written before
         recorder.restore(self.history)
         for row in self.history:
             result.train_metrics_clientapp[row["round"]] = MetricRecord(numeric(row))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -32,8 +33,9 @@ class ClientOptimizer(ABC):
         """The optimizer state as named tensors (empty for stateless optimizers)."""
 
     @abstractmethod
-    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore state produced by :meth:`state_tensors`."""
+    def load_state_tensors(self, state: dict[str, torch.Tensor], params: Sequence[torch.Tensor] | None = None) -> None:
+        """Restore state produced by :meth:`state_tensors`; ``ValueError`` (nothing loaded) unless it is
+        valid, and, given the ``params`` it steps, fits their number, shapes and dtypes."""
 
 
 class SGD(ClientOptimizer):
@@ -56,9 +58,11 @@ class SGD(ClientOptimizer):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
 
-    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_tensors(self, state: dict[str, torch.Tensor], params: Sequence[torch.Tensor] | None = None) -> None:
+        if not isinstance(state, Mapping):
+            raise TypeError(f"sgd state is a {type(state).__name__}, expected a dict")
         if state:
-            raise ValueError(f"sgd is stateless but got state keys {sorted(state)[:3]}")
+            raise ValueError(f"sgd is stateless but got state keys {sorted(state, key=str)[:3]}")
 
 
 class AdamW(ClientOptimizer):
@@ -104,17 +108,51 @@ class AdamW(ClientOptimizer):
             state[f"exp_avg_sq.{index}"] = self.exp_avg_sq[index]
         return state
 
-    def load_state_tensors(self, state: dict[str, torch.Tensor]) -> None:
-        self.step = int(state["step"]) if "step" in state else 0
-        self.exp_avg, self.exp_avg_sq = {}, {}
+    def load_state_tensors(self, state: dict[str, torch.Tensor], params: Sequence[torch.Tensor] | None = None) -> None:
+        """Checks everything first: ``step`` an integer scalar tensor ``>= 0``; moments ``exp_avg.i`` and
+        ``exp_avg_sq.i`` in pairs, finite floating tensors (second moments ``>= 0``), and with
+        ``params`` one per parameter ``i`` of its shape and dtype."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"adamw state is a {type(state).__name__}, expected a dict")
+        step = state.get("step", torch.tensor(0, dtype=torch.int64))
+        if (
+            not isinstance(step, torch.Tensor)
+            or step.shape != ()
+            or step.dtype not in (torch.int64, torch.int32)
+            or int(step) < 0
+        ):
+            got = f"{tuple(step.shape)} {step.dtype} {step.tolist()}" if isinstance(step, torch.Tensor) else type(step).__name__
+            raise ValueError(f"adamw step is {got}, expected an integer scalar tensor >= 0")
+        moments: dict[str, dict[int, torch.Tensor]] = {"exp_avg": {}, "exp_avg_sq": {}}
         for key, tensor in state.items():
             if key == "step":
                 continue
-            kind, _, index = key.rpartition(".")
-            if kind not in ("exp_avg", "exp_avg_sq") or not index.isdigit():
+            kind, _, index = key.rpartition(".") if isinstance(key, str) else ("", "", "")
+            if kind not in moments or not index.isdigit():
                 raise ValueError(f"unexpected adamw state key {key!r}")
-            target = self.exp_avg if kind == "exp_avg" else self.exp_avg_sq
-            target[int(index)] = tensor.clone()
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.layout != torch.strided:
+                raise ValueError(f"adamw {key} is not a dense floating-point tensor")
+            if params is not None:
+                position = int(index)
+                if position >= len(params):
+                    raise ValueError(f"adamw {key}: there are {len(params)} parameters")
+                param = params[position]
+                if tensor.shape != param.shape or tensor.dtype != param.dtype:
+                    raise ValueError(
+                        f"adamw {key} is {tuple(tensor.shape)} {tensor.dtype}, "
+                        f"parameter {position} is {tuple(param.shape)} {param.dtype}"
+                    )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"adamw {key} has entries that are not finite")
+            if kind == "exp_avg_sq" and bool((tensor < 0).any()):
+                raise ValueError(f"adamw {key} has negative entries")
+            moments[kind][int(index)] = tensor
+        unpaired = sorted(set(moments["exp_avg"]) ^ set(moments["exp_avg_sq"]))
+        if unpaired:
+            raise ValueError(f"adamw moments of parameter {unpaired[0]} come without their pair")
+        self.step = int(step)
+        self.exp_avg = {i: t.clone() for i, t in moments["exp_avg"].items()}
+        self.exp_avg_sq = {i: t.clone() for i, t in moments["exp_avg_sq"].items()}
 
 
 CLIENT_OPTIMIZERS = ("sgd", "adamw")

@@ -67,6 +67,9 @@ class HeronServer(ProtocolServer[HeronSettings]):
         return {"aux-head": self.head_state()}
 
     def check_state(self, state: Mapping[str, Any]) -> None:
+        if not isinstance(state, Mapping) or set(state) != {"aux-head"}:
+            got = sorted(state, key=str) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"expected exactly ['aux-head'], got {got}")
         check_tensors("auxiliary head", state["aux-head"], self.aux_head.state_dict())
 
     def load_state(self, state: Mapping[str, Any]) -> None:

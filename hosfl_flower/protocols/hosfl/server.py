@@ -16,7 +16,7 @@ from ...zo import aggregate_scalars, check_jvp, fingerprint, make_client_optimiz
 from ..base import Link, NodeInfo, ProtocolServer
 from .config import HOSFLSettings
 from .messages import ProbeRequest, SmashReply, SmashRequest
-from .sync import LedgerSync, ledger_from_rows
+from .sync import LedgerSync
 
 
 class HOSFLServer(ProtocolServer[HOSFLSettings]):
@@ -100,14 +100,8 @@ class HOSFLServer(ProtocolServer[HOSFLSettings]):
         return self.sync.state(self.partitions)
 
     def check_state(self, state: Mapping[str, Any]) -> None:
-        for key in ("ledger", "client-optimizer", "node-sync"):
-            if key not in state:
-                raise ValueError(f"lacks {key}")
-        try:
-            ledger_from_rows(state["ledger"])
-            self._client_optimizer().load_state_tensors(dict(state["client-optimizer"]))
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"its ledger or client optimizer is invalid: {error}") from None
+        """The ledger, the client optimizer's state and the node versions (:meth:`LedgerSync.check_state`)."""
+        self.sync.check_state(state, self._client_optimizer())
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.sync.load(state, self._client_optimizer())
