@@ -102,42 +102,40 @@ class SplitServer:
         self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
-    def zo_step(
+    def zo_differences(
         self,
         batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]],
         perturbed: Sequence[Sequence[torch.Tensor]],
-        weights: Sequence[float],
         seeds: Sequence[int],
         mu: float,
-        lr: float,
         first_index: int,
-    ) -> tuple[float, tuple[float, ...], float]:
-        """ZO-SFL's server step: two-point loss differences along the shared directions.
+    ) -> tuple[list[float], list[list[float]], float]:
+        """ZO-SFL's server probe: two-point loss differences along the shared directions, per batch.
 
         For direction ``p`` the server perturbs ``θ_s`` by ``μ u_p`` (parameter indices continue after
         the client's ``first_index`` ones, so ``u_p`` is one direction over both segments) and
-        compares ``ℓ(f_s(z̃_p; θ_s + μ u_p))`` with ``ℓ(f_s(z; θ_s))``. Returns the weighted loss, the
-        aggregated differences ``v̄_p = Σ_n w_n (L1 − L0)`` and compute seconds; ``θ_s`` takes the SGD
-        step ``−lr/(P μ) Σ_p v̄_p u_p`` that the clients take on ``θ_c``.
+        compares ``ℓ(f_s(z̃_p; θ_s + μ u_p))`` with ``ℓ(f_s(z; θ_s))``. Returns each batch's loss at
+        ``(θ_c, θ_s)``, each batch's differences ``L1 − L0`` (one list of ``P`` per batch) and compute
+        seconds; ``θ_s`` is left as it was (:meth:`zo_apply` takes the step).
         """
         start = time.perf_counter()
         params = self.model.server_parameters()
         anchors = [float(self.model.loss(self.model.head(smashed), labels)) for smashed, labels in batches]
-        scalars = []
+        differences: list[list[float]] = [[] for _ in batches]
         for p, seed in enumerate(seeds):
             perturb_(params, seed, mu, first_index=first_index)
             try:
-                diffs = [
-                    weight * (float(self.model.loss(self.model.head({**smashed, "z": tilde[p]}), labels)) - anchor)
-                    for (smashed, labels), tilde, weight, anchor in zip(batches, perturbed, weights, anchors)
-                ]
+                for index, ((smashed, labels), tilde, anchor) in enumerate(zip(batches, perturbed, anchors)):
+                    loss = float(self.model.loss(self.model.head({**smashed, "z": tilde[p]}), labels))
+                    differences[index].append(loss - anchor)
             finally:
                 perturb_(params, seed, -mu, first_index=first_index)
-            scalars.append(sum(diffs))
+        return anchors, differences, time.perf_counter() - start
+
+    def zo_apply(self, seeds: Sequence[int], scalars: Sequence[float], lr: float, mu: float, first_index: int) -> None:
+        """``θ_s`` takes the SGD step ``−lr/(P μ) Σ_p v̄_p u_p`` that the clients take on ``θ_c``."""
         entry = LedgerEntry(0, tuple(seeds), tuple(scalars), lr, mu)
-        apply_entry(params, SGD(), entry, first_index=first_index)
-        loss = sum(w * a for w, a in zip(weights, anchors))
-        return loss, tuple(scalars), time.perf_counter() - start
+        apply_entry(self.model.server_parameters(), SGD(), entry, first_index=first_index)
 
     def server_weights(self) -> dict[str, torch.Tensor]:
         """The server segment's state dict (weights and buffers)."""
@@ -218,8 +216,11 @@ class RaySplitServer:
     def discard_pending(self) -> None:
         self._ray.get(self._actor.discard_pending.remote())
 
-    def zo_step(self, *args, **kwargs):
-        return self._ray.get(self._actor.zo_step.remote(*args, **kwargs))
+    def zo_differences(self, *args, **kwargs):
+        return self._ray.get(self._actor.zo_differences.remote(*args, **kwargs))
+
+    def zo_apply(self, *args, **kwargs) -> None:
+        self._ray.get(self._actor.zo_apply.remote(*args, **kwargs))
 
     def server_weights(self) -> dict[str, torch.Tensor]:
         return self._ray.get(self._actor.server_weights.remote())

@@ -9,8 +9,8 @@ and FedAvg (all floating-point tensors of a state, flattened into one vector per
 - ``median``: the coordinate-wise median (the mean of the two middle values for an even count).
 - ``trimmed-mean``: per coordinate, the ``k = ⌈β n⌉`` smallest and ``k`` largest values are dropped
   (``β = aggregation.trim-fraction``; at least one value is kept) and the rest averaged.
-- ``clipped-mean``: each reply's distance from the coordinate-wise median is clipped to
-  ``aggregation.clip-factor`` times the median of those distances, then the weighted mean is taken.
+- ``clipped-mean``: per coordinate, each value's distance from the median is clipped to
+  ``aggregation.clip-factor`` times the median absolute deviation, then the weighted mean is taken.
 
 The robust rules are unweighted except ``clipped-mean``: a reply's weight cannot buy it influence.
 :class:`ReplyBound` rejects, before any rule runs, a reply whose size (a statistic the protocol
@@ -69,10 +69,9 @@ def combine_rows(
         return ordered[k : n - k].mean(0)
     if rule == "clipped-mean":
         deviations = rows - median
-        norms = deviations.norm(dim=1)
-        radius = clip_factor * float(norms.median())
-        scale = torch.where(norms > radius, radius / norms.clamp_min(torch.finfo(rows.dtype).tiny), torch.ones_like(norms))
-        return median + (w[:, None] * scale[:, None] * deviations).sum(0) / w.sum()
+        spread = deviations.abs().sort(dim=0).values[(n - 1) // 2 : n // 2 + 1].mean(0)  # the median absolute deviation
+        clipped = torch.maximum(torch.minimum(deviations, clip_factor * spread), -clip_factor * spread)
+        return median + (w[:, None] * clipped).sum(0) / w.sum()
     raise ValueError(f"unknown aggregation {rule!r}; allowed: {', '.join(AGGREGATORS)}")
 
 

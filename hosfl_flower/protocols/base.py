@@ -102,7 +102,8 @@ class RunSettings(Settings):
     clip_factor: float = _s(
         "aggregation.clip-factor",
         2.0,
-        "clipped-mean: a reply's distance from the median is clipped to this multiple of the median distance",
+        "clipped-mean: per coordinate, a value's distance from the median is clipped to this multiple of the median "
+        "absolute deviation",
         minimum=0.0,
         exclusive_minimum=True,
     )

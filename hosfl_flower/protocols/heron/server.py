@@ -8,6 +8,7 @@ order), and averages ``θ_c`` and ``θ_a`` weighted by the nodes' numbers of exa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,8 +16,9 @@ import torch
 
 from ...checkpoint import check_tensors
 from ...models.aux_head import build_aux_head
-from ..aggregation import weighted_average
+from ..aggregation import state_distance
 from ..base import Link, NodeInfo, ProtocolServer, RunSettings
+from ..messages import ReplyError
 from .config import HeronSettings
 from .messages import HeronReply, HeronRequest, upload_steps
 
@@ -43,7 +45,8 @@ class HeronServer(ProtocolServer[HeronSettings]):
         """``train.heron`` → server steps on the uploaded batches → weighted average of ``θ_c`` and ``θ_a``."""
         s = self.settings
         request = HeronRequest(self.client_state(), self.head_state(), s.local_steps, s.upload_every, s.mu, s.lr, s.head)
-        replies: dict[NodeInfo, HeronReply] = link.exchange([(node, request) for node in nodes])
+        replies: dict[NodeInfo, HeronReply] = link.exchange([(node, request) for node in nodes], check=self.check_rows)
+        replies = self.bounded(link, replies, request)
         metrics: dict[str, Any] = {"sampled": len(nodes), "replies": len(replies), "server-batches": 0, "server-steps": 0}
         metrics["samples"] = sum(s.local_steps * min(self.run.batch_size, node.num_examples) for node in replies)
         if not self.enough(replies, "heron", metrics):
@@ -55,12 +58,30 @@ class HeronServer(ProtocolServer[HeronSettings]):
                 link.account.server_seconds += step.seconds
                 losses.append(step.loss)
         weights = self.weights(server_round, [node.num_examples for node in replies])
-        self.model.load_client_state(weighted_average([r.client_state for r in replies.values()], weights))
-        self.aux_head.load_state_dict(weighted_average([r.head_state for r in replies.values()], weights))
+        self.model.load_client_state(self.aggregator.states([r.client_state for r in replies.values()], weights))
+        self.aux_head.load_state_dict(self.aggregator.states([r.head_state for r in replies.values()], weights))
         metrics.update({"server-batches": len(losses), "server-steps": len(losses)})
         if losses:
             metrics["train-loss"] = sum(losses) / len(losses)
         return metrics
+
+    def check_rows(self, node: NodeInfo, reply: HeronReply) -> None:
+        """Every uploaded minibatch must have the rows the server expects of the node."""
+        rows = sorted({batch.num_examples for batch in reply.batches})
+        if rows and rows != [self.expected_rows(node)]:
+            raise ReplyError("wrong-count", f"{rows} rows, expected {self.expected_rows(node)}")
+
+    def bounded(self, link: Link, replies: Mapping[NodeInfo, HeronReply], request: HeronRequest) -> dict[NodeInfo, HeronReply]:
+        """The replies within ``aggregation.reply-bound``; a reply's size is the distance of its
+        ``(θ_c, θ_a)`` from the global ones sent."""
+        sizes = {
+            node: math.hypot(
+                state_distance(r.client_state, request.client_state), state_distance(r.head_state, request.head_state)
+            )
+            for node, r in replies.items()
+        }
+        rejected = self.screen(link, sizes, "client segment and head")
+        return {node: reply for node, reply in replies.items() if node not in rejected}
 
     # ------------------------------------------------------------------ checkpoints: the auxiliary head
     def state(self) -> dict[str, Any]:
