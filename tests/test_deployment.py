@@ -1,117 +1,119 @@
-"""The deployment runtime on loopback: a SuperLink and three SuperNodes over TLS run HO-SFL to the same
-result as the in-process reference loop (equal to a simulation with the same seed and partitions), an
-insecure deployment completes, and no process is left behind."""
+"""The deployment runtime on loopback, in one run (deployments are the suite's most expensive tests): a
+SuperLink and three SuperNodes over TLS with SuperNode authentication run HO-SFL to completion, while
+
+- a fourth SuperNode, started with a key that was never registered, is refused by the SuperLink and its
+  partition never appears;
+- one registered SuperNode is stopped after round 1 and started again (same key, partition and node
+  store): its partition is rediscovered, caught up and takes part in every later round, and the final
+  synchronisation finds every node at the server's version;
+- the rounds before the restart equal the in-process reference loop's bit for bit (the reference loop
+  equals a simulation with the same seed and partitions: test_simulation.py);
+- no process is left behind.
+
+The flags and the connection config of the insecure mode (and of this one) are checked without a
+deployment in test_deployment_unit.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from concurrent.futures import ThreadPoolExecutor
+import re
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
-import torch
 
-from .conftest import ROOT, assert_equal_to_reference
+from .conftest import ROOT
+from .test_deployment_unit import _load_runner
 
 pytestmark = pytest.mark.slow
 
-NUM_SUPERNODES = 3
-RUN_CONFIG = "num-server-rounds=3 eval-every=2 clients-per-round=2 seed=3"  # evaluated after rounds 2 and 3
-
-
-def _load_runner() -> ModuleType:
-    path = ROOT / "examples" / "deployment" / "run.py"
-    spec = importlib.util.spec_from_file_location("deployment_runner", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 runner = _load_runner()
 
+NUM_SUPERNODES = 3
+RESTARTED, AFTER_ROUND = 1, 1  # SuperNode 1 (partition 1) is stopped once round 1 is logged
+ROUNDS = 3
+# Every round samples every connected node (clients-per-round = the SuperNodes), so the restarted one is in
+# each round it is connected for; evaluated every round, so round 1's row carries the model's accuracy.
+RUN_CONFIG = f"num-server-rounds={ROUNDS} eval-every=1 clients-per-round={NUM_SUPERNODES} seed=3 round-timeout=120"
 
-def _assert_nothing_left(outcome: dict[str, Any]) -> None:
-    ports = [outcome["ports"]["superlink"], *outcome["ports"]["supernodes"]]
-    assert outcome["leftover_pids"] == []
-    assert runner.flower_processes([outcome["work_dir"], *(f"127.0.0.1:{p}" for p in ports)]) == {}
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory) -> dict[str, Any]:
+    work = tmp_path_factory.mktemp("deployment")
+    return runner.run_deployment(
+        num_supernodes=NUM_SUPERNODES,
+        run_config=f"{RUN_CONFIG} min-nodes={NUM_SUPERNODES} results-dir='{work / 'results'}'",
+        tls=True,
+        work_dir=work / "run",
+        unregistered_supernodes=1,
+        restart_supernode=(RESTARTED, AFTER_ROUND),
+        restart_downtime=6.0,  # longer than the ServerApp's 3 s polling: it sees the node gone
+        timeout=600,
+        quiet=True,
+        app_dir=ROOT,
+    )
 
 
 def _rounds(results: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def deployments(tmp_path_factory):
-    """Two deployments at the same time (each mostly waits on Flower's polling): HO-SFL over TLS on three
-    SuperNodes, and a short insecure one on two. Each entry is the outcome, or the exception it raised."""
-    tls_dir, insecure_dir = tmp_path_factory.mktemp("tls-run"), tmp_path_factory.mktemp("plain-run")
-    jobs = {
-        "tls": dict(
-            num_supernodes=NUM_SUPERNODES,
-            run_config=f"{RUN_CONFIG} min-nodes={NUM_SUPERNODES} results-dir='{tls_dir / 'results'}'",
-            tls=True,
-            work_dir=tls_dir / "deployment",
-        ),
-        "insecure": dict(
-            num_supernodes=2,
-            run_config="num-server-rounds=1 clients-per-round=2 final-sync=false",
-            work_dir=insecure_dir / "deployment",
-        ),
-    }
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {name: pool.submit(runner.run_deployment, timeout=600, quiet=True, **job) for name, job in jobs.items()}
-        done = {}
-        for name, future in futures.items():
-            try:
-                done[name] = future.result()
-            except Exception as error:  # noqa: BLE001 - reported by the test that needs this deployment
-                done[name] = error
-    return done, {"tls": tls_dir, "insecure": insecure_dir}
+def _run_log(outcome: dict[str, Any]) -> str:
+    return Path(outcome["logs"][f"run-{outcome['run_id']}"]).read_text()
 
 
-def _outcome(deployments, name: str) -> dict[str, Any]:
-    outcome = deployments[0][name]
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
+def test_the_run_completes_over_tls_with_authenticated_supernodes_and_nothing_is_left(deployment):
+    assert deployment["run"]["status"] == "finished:completed", deployment["run"]
+    assert deployment["node_auth"] and len(deployment["node_ids"]) == NUM_SUPERNODES
+    assert deployment["leftover_pids"] == []
+    ports = [deployment["ports"]["superlink"], *deployment["ports"]["supernodes"], *deployment["ports"]["unregistered"]]
+    assert runner.flower_processes([deployment["work_dir"], *(f"127.0.0.1:{p}" for p in ports)]) == {}
 
-
-def test_tls_deployment_equals_the_reference_loop(deployments):
-    """A SuperLink and three SuperNodes over TLS run HO-SFL to the in-process reference loop's result, bit for
-    bit (the reference loop equals a simulation with the same seed and partitions: test_simulation.py)."""
-    outcome, dep_results = _outcome(deployments, "tls"), deployments[1]["tls"] / "results"
-    assert outcome["run"]["status"] == "finished:completed", outcome["run"]
-    assert Path(outcome["results_dir"]) == dep_results
-    _assert_nothing_left(outcome)
-
-    deployed = _rounds(dep_results)
-    assert [r["round"] for r in deployed] == [1, 2, 3]
-    assert [r["round"] for r in deployed if "accuracy" in r] == [2, 3]
-    assert json.loads((dep_results / "summary.json").read_text())["final"]["final-sync-mismatches"] == 0
-    final = torch.load(dep_results / "final-model.pt", weights_only=False)
-    assert_equal_to_reference(final, deployed, NUM_SUPERNODES)  # both segments and every round's metrics
-
-    work = Path(outcome["work_dir"])
-    config = (work / "flwr-home" / "config.toml").read_text()
-    assert "root-certificates" in config and "insecure" not in config
-    commands = {name: log.read_text().splitlines()[0] for name, log in outcome["logs"].items()}
-    assert {"superlink", "supernode-0", "supernode-1", "supernode-2", "flwr-run"} <= commands.keys()
-    assert "--ssl-certfile" in commands["superlink"] and "--root-certificates" in commands["supernode-0"]
+    commands = {name: Path(log).read_text().splitlines()[0] for name, log in deployment["logs"].items()}
+    assert {"superlink", "supernode-0", "supernode-1", "supernode-2", "supernode-1-restarted", "unregistered-0"} <= set(commands)
+    assert "--enable-supernode-auth" in commands["superlink"] and "--ssl-keyfile" in commands["superlink"]
+    assert all("--auth-supernode-private-key" in commands[f"supernode-{i}"] for i in range(NUM_SUPERNODES))
     assert not any("--insecure" in command for command in commands.values())
+    config = (Path(deployment["work_dir"]) / "flwr-home" / "config.toml").read_text()
+    assert "root-certificates" in config and "insecure" not in config
 
 
-def test_insecure_deployment_completes(deployments):
-    outcome = _outcome(deployments, "insecure")
-    assert outcome["run"]["status"] == "finished:completed", outcome["run"]
-    assert _rounds(Path(outcome["results_dir"]))[-1]["round"] == 1
-    config = (Path(outcome["work_dir"]) / "flwr-home" / "config.toml").read_text()
-    assert "insecure = true" in config and "root-certificates" not in config
-    commands = {name: log.read_text().splitlines()[0] for name, log in outcome["logs"].items()}
-    assert {"superlink", "supernode-0", "supernode-1", "flwr-run"} <= commands.keys()
-    assert all("--insecure" in commands[name] for name in ("superlink", "supernode-0", "supernode-1"))
-    _assert_nothing_left(outcome)
+def test_a_supernode_with_an_unregistered_key_never_joins(deployment):
+    code = deployment["refused"]["unregistered-0"]
+    assert code is not None and code != 0, "the SuperNode with an unregistered key was not refused"
+    assert "Failed to initialize the connection" in Path(deployment["logs"]["unregistered-0"]).read_text()
+    log = _run_log(deployment)
+    listed = [json.loads(m) for m in re.findall(r"nodes, partitions (\[[0-9, ]*\])", log)]
+    assert listed and all(NUM_SUPERNODES not in partitions for partitions in listed), listed  # its partition: 3
+    rows = _rounds(Path(deployment["results_dir"]))
+    assert max(row.get("smash-replies", 0) for row in rows) <= NUM_SUPERNODES
+
+
+def test_a_restarted_supernode_is_rediscovered_and_takes_part_again(deployment):
+    restart = deployment["restart"]
+    assert restart["phase"] == "done" and restart["exit_code"] == 0, restart
+    log = _run_log(deployment)
+    joined = [int(r) for r in re.findall(rf"round (\d+): partition {RESTARTED} joined", log)]
+    assert joined and joined[0] > AFTER_ROUND, log[-3000:]
+    rows = _rounds(Path(deployment["results_dir"]))
+    assert [row["round"] for row in rows] == list(range(1, ROUNDS + 1))
+    for row in rows:
+        if row["round"] >= joined[0]:  # from its rediscovery on, every node replies in every exchange
+            assert row["sampled"] == row["smash-replies"] == row["probe-replies"] == NUM_SUPERNODES, row
+            assert "rejected.no-reply" not in row, row
+    summary = json.loads((Path(deployment["results_dir"]) / "summary.json").read_text())
+    assert summary["final"]["final-sync-nodes"] == NUM_SUPERNODES, summary["final"]
+    assert summary["final"]["final-sync-mismatches"] == 0, summary["final"]
+
+
+def test_the_rounds_before_the_restart_equal_the_reference_loop(deployment):
+    import torch
+
+    from hosfl_flower.reference import run_reference
+
+    results = Path(deployment["results_dir"])
+    final = torch.load(results / "final-model.pt", weights_only=False)
+    reference = {row["round"]: row for row in run_reference(dict(final["config"]), NUM_SUPERNODES).history}
+    for row in _rounds(results)[:AFTER_ROUND]:
+        for key in ("train-loss", "accuracy", "loss", "samples", "server-steps", "skipped"):
+            assert row.get(key) == reference[row["round"]].get(key), (row["round"], key)

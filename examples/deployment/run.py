@@ -1,9 +1,10 @@
 """Run a Flower App on a local deployment: one SuperLink and N SuperNodes on 127.0.0.1.
 
 Starts ``flower-superlink`` and ``flower-supernode`` processes (insecure, or with TLS from a
-throwaway CA), submits the app with ``flwr run``, waits for the run to finish, and always stops
-every process it started. Usable as a script (``python examples/deployment/run.py --help``) or
-as a module (:func:`run_deployment`).
+throwaway CA and, by default with TLS, SuperNode authentication: a key pair per SuperNode, each
+public key registered with the SuperLink), submits the app with ``flwr run``, waits for the run to
+finish, and always stops every process it started. Usable as a script (``python
+examples/deployment/run.py --help``) or as a module (:func:`run_deployment`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import datetime
 import ipaddress
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -58,6 +60,46 @@ def wait_for_port(port: int, process: subprocess.Popen, name: str, timeout: floa
     raise DeploymentError(f"{name} did not listen on port {port} within {timeout:.0f}s")
 
 
+def write_private(path: Path, data: bytes) -> Path:
+    """Write a private key that only its owner can read, from the moment the file exists.
+
+    The file is created with mode 0600 by ``open`` itself (``O_CREAT | O_EXCL``, so never through a file or
+    link already there: an old one is removed first), whatever the umask; it is never readable by others.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # the umask can only clear bits; this states the mode outright
+        handle.write(data)
+    return path
+
+
+@dataclass(frozen=True)
+class NodeKey:
+    """A SuperNode's authentication key pair (OpenSSH format, EC P-384, as Flower's CLI expects)."""
+
+    private: Path
+    public: Path
+
+
+def make_node_key(directory: Path, name: str) -> NodeKey:
+    """Create ``<name>`` (private key, mode 0600) and ``<name>.pub`` (public key) in ``directory``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = write_private(
+        directory / name,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+    )
+    public = directory / f"{name}.pub"
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + b"\n"
+    )
+    return NodeKey(private, public)
+
+
 @dataclass(frozen=True)
 class Certificates:
     """PEM files of a throwaway CA and of a server certificate signed by it."""
@@ -75,7 +117,7 @@ def make_certificates(directory: Path) -> Certificates:
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1)
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -122,12 +164,10 @@ def make_certificates(directory: Path) -> Certificates:
     paths = Certificates(directory / "ca.pem", directory / "server.pem", directory / "server.key")
     paths.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
     paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.key.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+    write_private(
+        paths.key,
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
     )
-    paths.key.chmod(0o600)
     return paths
 
 
@@ -151,12 +191,23 @@ def _started(pid: int) -> int | None:
     return stat[2] if stat is not None and stat[0] not in ("Z", "X") else None
 
 
-def cmdline(pid: int) -> str:
-    """The command line of ``pid`` (empty if it is gone)."""
+def _clock_ticks_now() -> int:
+    """Now, in the unit of :func:`_started` (clock ticks since boot)."""
+    return int(float(Path("/proc/uptime").read_text().split()[0]) * os.sysconf("SC_CLK_TCK"))
+
+
+def argv(pid: int) -> list[str]:
+    """The arguments of ``pid``, exactly as it was started (empty if it is gone)."""
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
-        return ""
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1 if raw.endswith(b"\0") else None]]
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid``, for messages (empty if it is gone)."""
+    return shlex.join(argv(pid))
 
 
 def _all_pids() -> list[int]:
@@ -181,14 +232,44 @@ def descendants(roots: Iterable[int]) -> dict[int, int]:
     return found
 
 
-def flower_processes(needles: Iterable[str]) -> dict[int, str]:
-    """Live Flower daemons and apps whose command line contains one of ``needles``."""
+def flower_program(args: Sequence[str]) -> str | None:
+    """Which Flower program ``args`` runs (one of :data:`FLOWER_PROCESSES`), or ``None``.
+
+    The program is the first argument, or the script a Python interpreter was started with (console
+    scripts run as ``python /path/to/flwr-clientapp ...``); its file name must be the program's name.
+    """
+    if not args:
+        return None
+    first = Path(args[0]).name
+    if re.fullmatch(r"python[0-9.]*", first) and len(args) > 1:
+        first = Path(args[1]).name
+    return first if first in FLOWER_PROCESSES else None
+
+
+def names_one_of(args: Sequence[str], needles: Iterable[str]) -> bool:
+    """Whether one argument (or the value of a ``--flag=value`` argument) is one of ``needles`` exactly; an
+    absolute path needle also matches a path inside it (``/w/run`` matches ``/w/run/db``, not ``/w/run-2``)."""
     needles = [n for n in needles if n]
+    dirs = [n.rstrip("/") + "/" for n in needles if n.startswith("/")]
+    for arg in args:
+        for value in (arg, arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else None):
+            if value is not None and (value in needles or any(value.startswith(d) for d in dirs)):
+                return True
+    return False
+
+
+def flower_processes(needles: Iterable[str], since: int = 0) -> dict[int, str]:
+    """Live Flower processes (by program name) started at or after ``since`` (clock ticks since boot) that
+    have an argument naming one of ``needles`` exactly (:func:`names_one_of`), with their command lines."""
+    needles = list(needles)
     found = {}
     for pid in _all_pids():
-        cmd = cmdline(pid)
-        if _started(pid) is not None and any(name in cmd for name in FLOWER_PROCESSES) and any(n in cmd for n in needles):
-            found[pid] = cmd
+        started = _started(pid)
+        if started is None or started < since:
+            continue
+        args = argv(pid)
+        if flower_program(args) is not None and names_one_of(args, needles):
+            found[pid] = shlex.join(args)
     return found
 
 
@@ -196,7 +277,8 @@ class ProcessGroup:
     """Long-running processes started here, each logging to its own file, stopped together by PID.
 
     Their descendants (``flower-superexec`` and the ``flwr-serverapp`` / ``flwr-clientapp``
-    processes it starts) are recorded whenever the group is checked, and stopped too.
+    processes it starts) are recorded whenever the group is checked, and stopped too. A process
+    stopped early (:meth:`retire`) stays recorded until it is gone.
     """
 
     def __init__(self, log_dir: Path, env: Mapping[str, str], cwd: Path) -> None:
@@ -204,19 +286,25 @@ class ProcessGroup:
         self.env = dict(env)
         self.cwd = cwd
         self.processes: dict[str, subprocess.Popen] = {}
+        self.retired: list[subprocess.Popen] = []
         self.logs: dict[str, Path] = {}
         self._handles: list[IO[bytes]] = []
         self._known: dict[int, int] = {}  # pid -> start time
+        self.since = _clock_ticks_now()  # nothing started before this is ours
 
-    def start(self, name: str, command: Sequence[str], log: Path | None = None) -> subprocess.Popen:
-        """Start ``command`` with stdout and stderr in ``log`` (default ``<log dir>/<name>.log``)."""
+    def start(
+        self, name: str, command: Sequence[str], log: Path | None = None, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen:
+        """Start ``command`` with stdout and stderr in ``log`` (default ``<log dir>/<name>.log``);
+        ``env`` is added to the group's environment."""
         log = log or self.log_dir / f"{name}.log"
         handle = open(log, "wb")
         self._handles.append(handle)
         handle.write(("$ " + shlex.join(command) + "\n").encode())
         handle.flush()
         process = subprocess.Popen(
-            list(command), cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL, stdout=handle, stderr=subprocess.STDOUT
+            list(command), cwd=self.cwd, env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
+            stdout=handle, stderr=subprocess.STDOUT,
         )
         self.processes[name] = process
         self.logs[name] = log
@@ -225,28 +313,45 @@ class ProcessGroup:
     def check_running(self, ignore: Iterable[str] = ()) -> None:
         """Raise :class:`DeploymentError` if a process (not in ``ignore``) has exited; record descendants."""
         self.remember_descendants()
+        ignore = set(ignore)
         for name, process in self.processes.items():
             if name not in ignore and process.poll() is not None:
                 raise DeploymentError(f"{name} exited with code {process.returncode}; see {self.logs[name]}")
 
     def remember_descendants(self) -> None:
         """Record the current descendants so that they are stopped too."""
-        self._known.update(descendants(p.pid for p in self.processes.values() if p.poll() is None))
+        live = [p.pid for p in [*self.processes.values(), *self.retired] if p.poll() is None]
+        self._known.update(descendants(live))
 
     def alive(self) -> list[int]:
         """PIDs of the processes started here, and of recorded descendants, that are still running."""
-        running = [p.pid for p in self.processes.values() if p.poll() is None]
+        running = [p.pid for p in [*self.processes.values(), *self.retired] if p.poll() is None]
         return running + [pid for pid, started in self._known.items() if _started(pid) == started]
+
+    def retire(self, name: str, timeout: float = 20.0) -> int | None:
+        """Stop one process now (SIGTERM, then SIGKILL after ``timeout``); return its exit code."""
+        process = self.processes.pop(name)
+        self.retired.append(process)
+        self.remember_descendants()
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(5.0)
+        return process.returncode
 
     def stop(self, strays: Iterable[str] = (), timeout: float = 20.0) -> list[int]:
         """Stop everything by PID; return the PIDs still running (empty on success).
 
         SIGTERM to the processes started here, then to their descendants, then SIGKILL. Last, Flower
-        processes whose command line contains one of ``strays`` (e.g. the work dir or a port) and
-        that were not recorded, such as children orphaned during shutdown, are killed too.
+        processes started since the group was created with an argument that names one of ``strays``
+        exactly (the work dir, or a path in it; an address such as ``127.0.0.1:<port>``), not
+        recorded because they were orphaned during shutdown before they were seen, are killed too.
         """
         self.remember_descendants()
-        for process in self.processes.values():
+        for process in [*self.processes.values(), *self.retired]:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         self._wait(timeout / 2)
@@ -257,14 +362,14 @@ class ProcessGroup:
             _signal(pid, signal.SIGKILL)
         self._wait(5.0)
         strays = list(strays)
-        for pid in flower_processes(strays):
+        for pid in flower_processes(strays, self.since):
             _signal(pid, signal.SIGKILL)
         for handle in self._handles:
             handle.close()
         deadline = time.monotonic() + 5.0
-        while (self.alive() or flower_processes(strays)) and time.monotonic() < deadline:
+        while (self.alive() or flower_processes(strays, self.since)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        return sorted(set(self.alive()) | set(flower_processes(strays)))
+        return sorted(set(self.alive()) | set(flower_processes(strays, self.since)))
 
     def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -337,20 +442,26 @@ def wait_for_run(
     log_file: Path,
     timeout: float,
     poll_every: float = 3.0,
+    ignore: Iterable[str] = (),
+    tick: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Wait until ``flwr ls`` reports the run ``finished:*``; return its record.
 
     The run's log is streamed into ``log_file`` by one ``flwr log --stream`` process, which
     ends when the run finishes; ``flwr ls`` is asked then, and every ``poll_every`` seconds
-    if the stream ends early. The run is stopped if it outlives ``timeout``.
+    if the stream ends early. The run is stopped if it outlives ``timeout``. Processes named in
+    ``ignore`` may exit; ``tick`` is called twice a second.
     """
     group.start(f"run-{run_id}", [str(BIN / "flwr"), "log", run_id, CONNECTION, "--stream"], log=log_file)
     stream = group.processes[f"run-{run_id}"]
+    ignored = [f"run-{run_id}", "flwr-run", *ignore]
     deadline = time.monotonic() + timeout
     record: dict[str, Any] = {}
     next_poll = time.monotonic() + 30.0
     while True:
-        group.check_running(ignore=[f"run-{run_id}", "flwr-run"])
+        group.check_running(ignore=ignored)
+        if tick is not None:
+            tick()
         if stream.poll() is not None or time.monotonic() >= next_poll:
             listed = flwr("ls", CONNECTION, "--run-id", run_id, "--format", "json")
             runs = _json_payload(listed.stdout).get("runs", []) if listed.returncode == 0 else []
@@ -364,6 +475,52 @@ def wait_for_run(
         time.sleep(0.5)
 
 
+def register_supernodes(
+    flwr_command: Callable[[Sequence[str]], subprocess.Popen], public_keys: Mapping[str, Path]
+) -> dict[str, int]:
+    """Register each SuperNode's public key with the SuperLink (``flwr supernode register``, through the
+    Control API); return the node id the SuperLink gave each. All at once: each is a CLI start."""
+    started = {
+        name: flwr_command(["supernode", "register", str(key), CONNECTION, "--format", "json"])
+        for name, key in public_keys.items()
+    }
+    node_ids = {}
+    for name, process in started.items():
+        stdout, stderr = process.communicate(timeout=120)
+        payload = _json_payload(stdout) if "{" in stdout else {}
+        if process.returncode != 0 or not payload.get("success"):
+            detail = payload.get("error-message") or (stdout + stderr)[-2000:]
+            raise DeploymentError(f"registering {name} ({public_keys[name]}) failed: {detail}")
+        node_ids[name] = int(payload["node-id"])
+    return node_ids
+
+
+@dataclass
+class Restart:
+    """Stop SuperNode ``index`` once the run log shows round ``after_round``, keep it down ``downtime``
+    seconds, and start it again with the same command (key, partition, port, node store)."""
+
+    index: int
+    after_round: int
+    downtime: float = 10.0
+    phase: str = "waiting"  # waiting -> down -> done
+    stopped_at: float | None = None
+    started_at: float | None = None
+    exit_code: int | None = None
+
+    def round_logged(self, log_file: Path) -> bool:
+        """Whether the ServerApp's log has its line for round ``after_round`` (``... round r/T ...``)."""
+        try:
+            text = log_file.read_text(errors="replace")
+        except OSError:
+            return False
+        return re.search(rf"\bround\s+{self.after_round}/\d+", text) is not None
+
+    def as_dict(self) -> dict[str, Any]:
+        keys = ("index", "after_round", "downtime", "phase", "stopped_at", "started_at", "exit_code")
+        return {key: getattr(self, key) for key in keys}
+
+
 # --------------------------------------------------------------------------- the deployment
 def run_deployment(
     num_supernodes: int = 3,
@@ -375,17 +532,39 @@ def run_deployment(
     supernode_ports: Sequence[int] | None = None,
     timeout: float = 900.0,
     quiet: bool = False,
+    node_auth: bool | None = None,
+    unregistered_supernodes: int = 0,
+    restart_supernode: tuple[int, int] | None = None,
+    restart_downtime: float = 10.0,
 ) -> dict[str, Any]:
     """Start the deployment, run the app to a final status, stop everything; return the outcome.
 
+    ``node_auth`` (default: on with ``tls``; Flower allows it only with TLS) starts the SuperLink with
+    ``--enable-supernode-auth``, creates a key pair per SuperNode, registers each public key with
+    ``flwr supernode register`` and starts each SuperNode with ``--auth-supernode-private-key``.
+    ``unregistered_supernodes`` more SuperNodes are started with keys that are not registered (the
+    SuperLink must refuse them; they claim partitions ``N, N+1, ...``). ``restart_supernode=(i, r)``
+    stops SuperNode ``i`` once the run log shows round ``r`` and starts it again ``restart_downtime``
+    seconds later, with the same key, partition, port and node store.
+
     The returned dict has ``run`` (the ``flwr ls`` record; ``run["status"]`` is e.g.
     ``finished:completed``), ``results_dir`` (where the app's ``results-dir`` points, if it has
-    that key), ``work_dir``, ``logs`` (name -> log file), ``ports`` and ``leftover_pids`` (empty
-    unless stopping failed, which raises). ``min-nodes`` and ``results-dir`` default to
-    ``num_supernodes`` and ``<work_dir>/results`` when the app has those keys; ``run_config`` wins.
+    that key), ``work_dir``, ``logs`` (name -> log file), ``ports``, ``node_auth``, ``node_ids``
+    (SuperNode name -> the id its registration got), ``refused`` (unregistered SuperNode name -> its
+    exit code, ``None`` if it was still running), ``restart`` (what the restart did, or ``None``) and
+    ``leftover_pids`` (empty unless stopping failed, which raises). ``min-nodes`` and ``results-dir``
+    default to ``num_supernodes`` and ``<work_dir>/results`` when the app has those keys; ``run_config`` wins.
     """
     if num_supernodes < 1:
         raise ValueError("num_supernodes must be >= 1")
+    node_auth = tls if node_auth is None else node_auth
+    if node_auth and not tls:
+        raise ValueError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth with --insecure)")
+    if unregistered_supernodes and not node_auth:
+        raise ValueError("unregistered SuperNodes are only refused with SuperNode authentication")
+    restart = Restart(*restart_supernode, downtime=restart_downtime) if restart_supernode else None
+    if restart is not None and not (0 <= restart.index < num_supernodes and restart.after_round >= 1):
+        raise ValueError(f"restart_supernode={restart_supernode}: needs a SuperNode index < {num_supernodes} and a round >= 1")
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="flwr-deployment-"))
     work = work.resolve()
     app = Path(app_dir).resolve()
@@ -397,6 +576,7 @@ def run_deployment(
     node_ports = list(supernode_ports) if supernode_ports else [free_port() for _ in range(num_supernodes)]
     if len(node_ports) != num_supernodes:
         raise ValueError(f"{len(node_ports)} SuperNode ports given for {num_supernodes} SuperNodes")
+    extra_ports = [free_port() for _ in range(unregistered_supernodes)]
 
     env = dict(os.environ)
     env.update(
@@ -415,6 +595,27 @@ def run_deployment(
         link_tls, node_tls = server_files, ["--root-certificates", str(certs.ca), *server_files]
     write_connection(flwr_home, link_port, certs.ca if certs else None)
 
+    # SuperNode name -> (port, partition id, number of partitions, key or None)
+    nodes: dict[str, tuple[int, int, int, NodeKey | None]] = {}
+    total = num_supernodes + unregistered_supernodes
+    for index, port in enumerate(node_ports):
+        key = make_node_key(work / "keys", f"supernode-{index}") if node_auth else None
+        nodes[f"supernode-{index}"] = (port, index, num_supernodes, key)
+    for extra, port in enumerate(extra_ports):
+        key = make_node_key(work / "keys", f"unregistered-{extra}")
+        nodes[f"unregistered-{extra}"] = (port, num_supernodes + extra, total, key)
+    unregistered = [name for name in nodes if name.startswith("unregistered-")]
+
+    def supernode(name: str) -> tuple[list[str], dict[str, str]]:
+        """The command of SuperNode ``name``, and its own environment (its node store)."""
+        port, partition, partitions, key = nodes[name]
+        command = [str(BIN / "flower-supernode"), *node_tls, "--superlink", f"{HOST}:{link_port}",
+                   "--host", HOST, "--port", str(port),
+                   "--node-config", f"partition-id={partition} num-partitions={partitions}"]
+        if key is not None:
+            command += ["--auth-supernode-private-key", str(key.private)]
+        return command, {"HOSFL_FLOWER_NODE_STORE": str(work / "node-store" / name)}
+
     keys = app_config_keys(app)
     defaults: dict[str, Any] = {}
     if "min-nodes" in keys:
@@ -430,8 +631,12 @@ def run_deployment(
         "work_dir": str(work),
         "results_dir": str(results_dir) if results_dir else None,
         "logs": group.logs,
-        "ports": {"superlink": link_port, "supernodes": node_ports},
+        "ports": {"superlink": link_port, "supernodes": node_ports, "unregistered": extra_ports},
         "tls": tls,
+        "node_auth": node_auth,
+        "node_ids": {},
+        "refused": {},
+        "restart": None,
     }
 
     def flwr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -439,21 +644,43 @@ def run_deployment(
             [str(BIN / "flwr"), *args], cwd=app, env=env, capture_output=True, text=True, timeout=timeout
         )
 
+    def flwr_background(args: Sequence[str]) -> subprocess.Popen:
+        return subprocess.Popen(
+            [str(BIN / "flwr"), *args], cwd=app, env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def tick(log_file: Path) -> None:
+        if restart is None or restart.phase == "done":
+            return
+        name = f"supernode-{restart.index}"
+        if restart.phase == "waiting" and restart.round_logged(log_file):
+            restart.exit_code = group.retire(name)
+            restart.phase, restart.stopped_at = "down", time.monotonic()
+            say(f"stopped {name} after round {restart.after_round} (exit code {restart.exit_code})")
+        elif restart.phase == "down" and time.monotonic() - (restart.stopped_at or 0.0) >= restart.downtime:
+            command, node_env = supernode(name)
+            group.start(f"{name}-restarted", command, env=node_env)
+            restart.phase, restart.started_at = "done", time.monotonic()
+            say(f"started {name} again (same key, partition, port and node store)")
+
     try:
-        say(f"work dir {work} ({'TLS' if tls else 'insecure'}), SuperLink on {HOST}:{link_port}")
+        auth = "with SuperNode authentication" if node_auth else "without SuperNode authentication"
+        say(f"work dir {work} ({'TLS' if tls else 'insecure'}, {auth}), SuperLink on {HOST}:{link_port}")
         superlink = group.start(
             "superlink",
             [str(BIN / "flower-superlink"), *link_tls, "--host", HOST, "--port", str(link_port),
-             "--database", str(work / "superlink-state.db"), "--disable-runtime-dependency-installation"],
+             "--database", str(work / "superlink-state.db"), "--disable-runtime-dependency-installation",
+             *(["--enable-supernode-auth"] if node_auth else [])],
         )
         wait_for_port(link_port, superlink, "flower-superlink")
-        for index, port in enumerate(node_ports):
-            group.start(
-                f"supernode-{index}",
-                [str(BIN / "flower-supernode"), *node_tls, "--superlink", f"{HOST}:{link_port}",
-                 "--host", HOST, "--port", str(port),
-                 "--node-config", f"partition-id={index} num-partitions={num_supernodes}"],
-            )
+        if node_auth:
+            public_keys = {name: key.public for name, (_, _, _, key) in nodes.items() if key and name not in unregistered}
+            outcome["node_ids"] = register_supernodes(flwr_background, public_keys)
+            say(f"registered {len(public_keys)} SuperNode public keys")
+        for name in nodes:
+            command, node_env = supernode(name)
+            group.start(name, command, env=node_env)
         # Submit while the SuperNodes start: the ServerApp waits for them (min-nodes).
         merged = {**defaults, **overrides}
         command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--format", "json"]
@@ -462,7 +689,8 @@ def run_deployment(
         submit = group.start("flwr-run", command)
         for index, port in enumerate(node_ports):
             wait_for_port(port, group.processes[f"supernode-{index}"], f"flower-supernode {index}")
-        say(f"{num_supernodes} SuperNode{'s' * (num_supernodes != 1)} on ports {', '.join(map(str, node_ports))}")
+        say(f"{num_supernodes} SuperNode{'s' * (num_supernodes != 1)} on ports {', '.join(map(str, node_ports))}"
+            + (f", {len(unregistered)} with unregistered keys" if unregistered else ""))
         try:
             submit.wait(timeout=180)
         except subprocess.TimeoutExpired:
@@ -475,16 +703,20 @@ def run_deployment(
         outcome["run_id"] = run_id
         say(f"submitted run {run_id}")
 
-        record = wait_for_run(run_id, flwr, group, log_dir / f"run-{run_id}.log", timeout)
+        run_log = log_dir / f"run-{run_id}.log"
+        record = wait_for_run(run_id, flwr, group, run_log, timeout, ignore=unregistered, tick=lambda: tick(run_log))
         outcome["run"] = record
         details = record.get("status-details") or ""
         say(f"run {run_id}: {record.get('status')}" + (f" ({details})" if details not in ("", "N/A") else ""))
     finally:
-        leftover = group.stop(strays=[str(work), *(f"{HOST}:{port}" for port in [link_port, *node_ports])])
+        outcome["refused"] = {name: group.processes[name].poll() for name in unregistered if name in group.processes}
+        outcome["restart"] = restart.as_dict() if restart is not None else None
+        ports = [link_port, *node_ports, *extra_ports]
+        leftover = group.stop(strays=[str(work), *(f"{HOST}:{port}" for port in ports)])
         outcome["leftover_pids"] = leftover
         if leftover:
             raise DeploymentError(f"processes still running after stop: {leftover}")
-        say(f"stopped {len(group.processes)} processes and their children; logs in {log_dir}")
+        say(f"stopped {len(group.processes) + len(group.retired)} processes and their children; logs in {log_dir}")
     return outcome
 
 
@@ -492,12 +724,32 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def _restart_option(value: str) -> tuple[int, int]:
+    index, _, after = value.partition(":")
+    try:
+        return int(index), int(after)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INDEX:ROUND, got {value!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; exits 0 only if the run ends ``finished:completed``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-supernodes", type=int, default=3, help="SuperNodes to start (default 3)")
     parser.add_argument("--run-config", default="", help='passed to flwr run -c, e.g. "num-server-rounds=5"')
-    parser.add_argument("--tls", action="store_true", help="TLS everywhere, with a throwaway CA")
+    parser.add_argument("--tls", action="store_true", help="TLS everywhere, with a throwaway CA (and SuperNode authentication)")
+    parser.add_argument(
+        "--no-node-auth", action="store_true", help="with --tls: no SuperNode authentication (any process may join)"
+    )
+    parser.add_argument(
+        "--unregistered-supernodes", type=int, default=0, metavar="N",
+        help="with --tls: also start N SuperNodes whose keys are not registered (the SuperLink refuses them)",
+    )
+    parser.add_argument(
+        "--restart-supernode", type=_restart_option, metavar="INDEX:ROUND",
+        help="stop SuperNode INDEX once round ROUND is logged and start it again (same key, partition, node store)",
+    )
+    parser.add_argument("--restart-downtime", type=float, default=10.0, help="seconds the restarted SuperNode stays down")
     parser.add_argument("--work-dir", type=Path, help="logs, Flower home, certificates, results (default: a new temp dir)")
     parser.add_argument("--app-dir", type=Path, default=REPO_ROOT, help="Flower App directory (default: the repository)")
     parser.add_argument("--superlink-port", type=int, help="SuperLink port (default: a free port)")
@@ -516,12 +768,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             superlink_port=args.superlink_port,
             supernode_ports=ports,
             timeout=args.timeout,
+            node_auth=False if args.no_node_auth else None,
+            unregistered_supernodes=args.unregistered_supernodes,
+            restart_supernode=args.restart_supernode,
+            restart_downtime=args.restart_downtime,
         )
     except (DeploymentError, ValueError) as error:
         print(f"[deployment] error: {error}", file=sys.stderr)
         return 1
     status = outcome["run"].get("status", "")
     print(f"[deployment] final status: {status}")
+    for name, code in outcome["refused"].items():
+        print(f"[deployment] {name} (unregistered key): " + ("still running" if code is None else f"exited with code {code}"))
     if outcome["results_dir"] and Path(outcome["results_dir"]).is_dir():
         print(f"[deployment] results: {outcome['results_dir']}")
     print(f"[deployment] logs: {Path(outcome['work_dir']) / 'logs'}")

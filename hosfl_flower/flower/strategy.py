@@ -40,7 +40,7 @@ from ..records import record_to_tensors, tensors_to_record
 from ..schedule import RoundSchedule
 from ..split_server import RaySplitServer, SplitServer, build_split_server
 from .checkpoints import CheckpointMixin
-from .discovery import hello, wait_for_nodes
+from .discovery import NodeDirectory, connected_nodes, wait_for_nodes
 from .link import GridLink
 
 
@@ -198,7 +198,9 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
             if self.cfg["checkpoint-every"] and server_round % self.cfg["checkpoint-every"] == 0:
                 self.save_checkpoint(server_round)
         result.evaluate_metrics_serverapp.update({r: MetricRecord(m) for r, m in sorted(self.evaluations.items())})
-        final = self.protocol.finish(list(self.nodes.values()), self.link(grid, 0))
+        final_link = self.link(grid, 0)
+        self.refresh_nodes(grid, final_link, 0)  # a node that restarted in the last round is synchronised too
+        final = self.protocol.finish(list(self.nodes.values()), final_link)
         self.sync_server_weights()
         result.arrays = tensors_to_record(self.model.state_dict())
         recorder.finish(self.model, self.cfg, final)
@@ -210,6 +212,7 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         """One round: sample, let the protocol run its exchanges, and the round's row."""
         started = time.perf_counter()
         link = self.link(grid, server_round)
+        self.refresh_nodes(grid, link, server_round)
         nodes = self.sample_nodes(server_round, list(self.nodes.values()))
         metrics = self.protocol.run_round(server_round, nodes, link)
         row: dict[str, Any] = {"round": server_round, **metrics, **link.account.as_metrics()}
@@ -217,11 +220,19 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         row["seconds"] = time.perf_counter() - started
         return row
 
+    @property
+    def directory(self) -> NodeDirectory:
+        """The node list (:attr:`nodes`) and what keeps it in step with the grid."""
+        directory = getattr(self, "_directory", None)
+        if not isinstance(directory, NodeDirectory) or directory.nodes is not self.nodes:
+            directory = self._directory = NodeDirectory(self.nodes, self.name)
+        return directory
+
     def discover_nodes(self, grid: Grid) -> None:
         """Wait for enough nodes, then ask every new node who it is (``query.hello``)."""
         wanted = self.cfg["min-nodes"] or self.run.clients_per_round
-        node_ids = wait_for_nodes(grid, wanted, bool(self.cfg["min-nodes"]), self.timeout)
-        hello(self.link(grid, 0), node_ids, self.nodes, self.protocol.node_discovered)
+        connected = wait_for_nodes(grid, wanted, bool(self.cfg["min-nodes"]), self.timeout)
+        self.directory.update(self.link(grid, 0), connected, self.protocol.node_discovered)
         if len(self.nodes) < self.run.clients_per_round:
             from ..options import ConfigError
 
@@ -229,6 +240,14 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
                 "clients-per-round", self.run.clients_per_round, f"must be <= the number of nodes ({len(self.nodes)})"
             )
         log(INFO, "[%s] %d nodes, partitions %s", self.name, len(self.nodes), sorted(n.partition_id for n in self.nodes.values()))
+
+    def refresh_nodes(self, grid: Grid, link: GridLink, server_round: int) -> None:
+        """At the start of a round: drop the nodes that left, ask the nodes that joined or reconnected
+        (``query.hello`` through the round's ``link``, so its cost and refusals are the round's), and hand
+        each added node to the protocol, which catches it up from the round it reports (``server_round``
+        0: before the final synchronisation)."""
+        when = f"round {server_round}" if server_round else "final sync"
+        self.directory.update(link, connected_nodes(grid), self.protocol.node_discovered, when)
 
     def check_progress(self, row: Mapping[str, Any]) -> None:
         """Stop with an error after ``max-skipped-rounds`` skipped rounds in a row."""
