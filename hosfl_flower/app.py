@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import partial
 from logging import INFO
 from typing import Any
 
@@ -17,14 +18,14 @@ from .config import resolve_run_config
 from .flower.client_app import build_client_app
 from .flower.strategy import HOSFLStrategy
 from .node.client import HOSFLClient
-from .task import server_model_and_test
+from .task import partition_sizes, server_model_and_test
 
 
 def build_strategy(run_config: Mapping[str, Any], strategy_class: type[HOSFLStrategy] = HOSFLStrategy) -> HOSFLStrategy:
     """The strategy running the protocol named by ``strategy``, with the model and test data the run config describes."""
     config = resolve_run_config(run_config)
     model, test = server_model_and_test(config)
-    return strategy_class(model, test, config)
+    return strategy_class(model, test, config, partition_sizes=partial(partition_sizes, config))
 
 
 def build_server_app(

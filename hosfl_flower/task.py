@@ -110,6 +110,12 @@ def _client_task(items: tuple, num_partitions: int) -> ClientTask:
     return ClientTask(model, initial, data)
 
 
+def partition_sizes(config: Mapping[str, Any], num_partitions: int) -> list[int]:
+    """Each partition's number of examples under a resolved run config (what the server holds nodes' claims against)."""
+    partitioner = client_task(config, num_partitions).data.partitioner
+    return [len(partitioner.load_partition(partition_id)) for partition_id in range(num_partitions)]
+
+
 def client_task(config: Mapping[str, Any], num_partitions: int) -> ClientTask:
     """The cached :class:`ClientTask` for a resolved run config (the model object is shared: load state into it)."""
     return _client_task(tuple((k, config[k]) for k in _CLIENT_KEYS), num_partitions)

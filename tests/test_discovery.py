@@ -172,3 +172,32 @@ def test_a_restarted_node_is_caught_up_by_the_ledger_protocol_and_sampling_stays
     grid.nodes = {200 + p: ("t0", HelloReply(p, 3, 30, 0)) for p in (2, 0, 1)}
     other.directory.update(_link(grid), connected_nodes(grid), other.protocol.node_discovered)
     assert [n.partition_id for n in other.sample_nodes(3, list(other.nodes.values()))] == picked
+
+
+def test_a_node_cannot_claim_another_federation_or_more_examples_than_its_partition_has():
+    from hosfl_flower.flower.discovery import Federation
+
+    grid, found = ScriptedGrid(), []
+    directory = NodeDirectory(name="test", federation=Federation(lambda n: [20 + p for p in range(n)]))
+    grid.nodes = {10 + p: ("t0", HelloReply(p, 3, 20 + p, 0)) for p in range(3)}
+    grid.nodes[13] = ("t0", HelloReply(0, 1, 10**6, 0))  # a node of a one-partition "federation" with all the data
+    link = _update(directory, grid, found, "")
+    assert directory.federation.num_partitions == 3  # the claim most nodes make
+    assert sorted(directory.nodes) == [10, 11, 12] and dict(link.rejections) == {"wrong-federation": 1}
+
+    grid.nodes[12] = ("t1", HelloReply(2, 3, 20_000, 0))  # restarts claiming a thousand times its examples
+    link = _update(directory, grid, found)
+    assert 12 not in directory.nodes and dict(link.rejections) == {"wrong-count": 1}
+    assert grid.sent[-1] == [12]  # the node of the other federation is not asked again until it reconnects
+    grid.nodes[12] = ("t2", HelloReply(2, 3, 22, 0))
+    _update(directory, grid, found)
+    assert directory.nodes[12].num_examples == 22
+
+
+def test_the_strategy_holds_nodes_to_the_partition_sizes_it_computes():
+    from hosfl_flower.app import build_strategy
+    from hosfl_flower.task import client_task
+
+    strategy = build_strategy({"num-server-rounds": 1})
+    sizes = strategy.federation.partition_sizes(4)
+    assert sizes == [len(client_task(strategy.cfg, 4).data.partition(p)) for p in range(4)]

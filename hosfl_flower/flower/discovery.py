@@ -13,7 +13,8 @@ old holder is gone takes its place. Nothing a node answers makes discovery raise
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from logging import INFO
 from typing import Any
@@ -69,8 +70,39 @@ class HelloResult:
     """Nodes dropped from ``known`` because a new node took their partition (they were no longer connected)."""
     refused: dict[int, int] = field(default_factory=dict)
     """``node id -> partition`` of the nodes refused because a connected node holds the partition they claim."""
+    invalid: dict[int, str] = field(default_factory=dict)
+    """``node id -> reason`` of the nodes whose identity does not fit the federation (asked again only if they reconnect)."""
     applied_rounds: dict[int, int] = field(default_factory=dict)
     """``node id -> the round its θ_c is at`` of the nodes added."""
+
+
+class Federation:
+    """What the server holds a node's identity against: the federation's number of partitions (the
+    claim most nodes make at the first discovery, then fixed) and, where the server can compute them
+    (``partition_sizes(num_partitions)``), each partition's number of examples, so that a node cannot
+    claim more examples, hence more aggregation weight, than its partition has."""
+
+    def __init__(self, partition_sizes: Callable[[int], Sequence[int]] | None = None) -> None:
+        self.partition_sizes = partition_sizes
+        self.num_partitions: int | None = None
+        self.sizes: list[int] | None = None
+
+    def learn(self, replies: Sequence[HelloReply]) -> None:
+        """Fix the number of partitions from the first replies (the most common claim; ties: the smallest)."""
+        if self.num_partitions is not None or not replies:
+            return
+        counts = Counter(reply.num_partitions for reply in replies)
+        self.num_partitions = min(counts, key=lambda n: (-counts[n], n))
+        if self.partition_sizes is not None:
+            self.sizes = [int(n) for n in self.partition_sizes(self.num_partitions)]
+
+    def check(self, reply: HelloReply) -> None:
+        """:class:`ReplyError` unless the reply fits the federation."""
+        if reply.num_partitions != self.num_partitions:
+            raise ReplyError("wrong-federation", f"{reply.num_partitions} partitions, the federation has {self.num_partitions}")
+        if self.sizes is not None and reply.num_examples != self.sizes[reply.partition_id]:
+            expected = self.sizes[reply.partition_id]
+            raise ReplyError("wrong-count", f"partition {reply.partition_id} has {expected} examples, not {reply.num_examples}")
 
 
 def hello(
@@ -80,14 +112,17 @@ def hello(
     discovered: Discovered,
     *,
     connected: Collection[int] | None = None,
+    federation: Federation | None = None,
 ) -> HelloResult:
     """Ask every node of ``node_ids`` not in ``known`` who it is; add it and call ``discovered(node, applied_round)``.
 
-    A reply that is missing or invalid is counted on ``link`` (``no-reply``, ``malformed``, ...) and its
-    node left out. A node claiming a partition held by a known node that is still ``connected`` (default:
-    every known node), or by a node accepted earlier in the same call, is refused and counted as
-    ``partition-taken``; if the known holder is not connected any more, the new node replaces it. Never
-    raises because of what a node answers. (Options are keyword-only, so more checks can be added.)
+    A reply that is missing or invalid, or does not fit the ``federation`` (its number of partitions and,
+    where the server knows them, the partition's size), is counted on ``link`` (``no-reply``,
+    ``malformed``, ``wrong-federation``, ``wrong-count``, ...) and its node left out. A node claiming a
+    partition held by a known node that is still ``connected`` (default: every known node), or by a node
+    accepted earlier in the same call, is refused and counted as ``partition-taken``; if the known
+    holder is not connected any more, the new node replaces it. Never raises because of what a node
+    answers.
     """
     live = set(known) | set(node_ids) if connected is None else set(connected)
     holders = {node.partition_id: node for node in known.values()}
@@ -106,7 +141,20 @@ def hello(
         claimed[reply.partition_id] = probe.node_id
 
     new = [NodeInfo(node_id, -1, 0) for node_id in sorted(set(node_ids)) if node_id not in known]
-    for probe, reply in link.exchange([(node, HelloRequest()) for node in new], check=check).items():
+    replies = link.exchange([(node, HelloRequest()) for node in new])
+    federation = federation or Federation()
+    federation.learn(list(replies.values()))
+    for probe, reply in replies.items():
+        try:
+            try:
+                federation.check(reply)
+            except ReplyError as error:
+                result.invalid[probe.node_id] = error.reason
+                raise
+            check(probe, reply)
+        except ReplyError as error:
+            link.reject(error.reason, probe, str(error))
+            continue
         node = NodeInfo(probe.node_id, reply.partition_id, reply.num_examples)
         holder = holders.pop(node.partition_id, None)
         if holder is not None and known.pop(holder.node_id, None) is not None:
@@ -121,11 +169,13 @@ def hello(
 class NodeDirectory:
     """The nodes the server knows (``nodes``: node id -> :class:`NodeInfo`), kept in step with the grid."""
 
-    def __init__(self, nodes: dict[int, NodeInfo] | None = None, name: str = "") -> None:
+    def __init__(self, nodes: dict[int, NodeInfo] | None = None, name: str = "", federation: Federation | None = None) -> None:
         self.nodes: dict[int, NodeInfo] = nodes if nodes is not None else {}
         self.name = name
+        self.federation = federation or Federation()
         self.activated: dict[int, str] = {}  # node id -> Flower's activation time when it answered hello
         self.refused: dict[int, str] = {}  # node id -> activation time when it was refused a partition
+        self.invalid: dict[int, str] = {}  # node id -> activation time when its identity did not fit the federation
 
     def update(self, link: Link, connected: Mapping[int, str], discovered: Discovered, when: str = "") -> HelloResult:
         """Drop the nodes not ``connected`` (or activated again since they answered), and ask the nodes not
@@ -139,11 +189,15 @@ class NodeDirectory:
         if left or restarted:
             self.refused.clear()
         self.refused = {nid: at for nid, at in self.refused.items() if connected.get(nid) == at}
-        ask = [nid for nid in sorted(connected) if nid not in self.nodes and nid not in self.refused]
-        result = hello(link, ask, self.nodes, discovered, connected=connected) if ask else HelloResult()
+        self.invalid = {nid: at for nid, at in self.invalid.items() if connected.get(nid) == at}
+        ask = [nid for nid in sorted(connected) if nid not in self.nodes and nid not in self.refused and nid not in self.invalid]
+        result = (
+            hello(link, ask, self.nodes, discovered, connected=connected, federation=self.federation) if ask else HelloResult()
+        )
         for node in result.added:
             self.activated[node.node_id] = connected[node.node_id]
         self.refused.update({nid: connected[nid] for nid in result.refused})
+        self.invalid.update({nid: connected[nid] for nid in result.invalid})
         self._log(when, left, restarted, result)
         return result
 

@@ -40,7 +40,7 @@ from ..records import record_to_tensors, tensors_to_record
 from ..schedule import RoundSchedule
 from ..split_server import RaySplitServer, SplitServer, build_split_server
 from .checkpoints import CheckpointMixin
-from .discovery import NodeDirectory, connected_nodes, wait_for_nodes
+from .discovery import Federation, NodeDirectory, connected_nodes, wait_for_nodes
 from .link import GridLink
 
 
@@ -67,7 +67,9 @@ class MultiExchangeStrategy(Strategy):
 
 class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
     """A Flower Message-API ``Strategy`` running the protocol named by ``protocol`` (default: the run
-    config's ``strategy``, ``hosfl`` unless set).
+    config's ``strategy``, ``hosfl`` unless set). ``partition_sizes(num_partitions)``, when given, is
+    each partition's number of examples as the server computes it: a node claiming another count at
+    discovery is refused (without it, the counts the nodes report are used, checked only for range).
 
     Hooks a subclass may override: :meth:`sample_nodes`, :meth:`aggregation_weights`,
     :meth:`evaluate`, :meth:`build_protocol`.
@@ -80,6 +82,7 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         run_config: Mapping[str, Any] | None = None,
         split_server: SplitServer | RaySplitServer | None = None,
         protocol: str | None = None,
+        partition_sizes: Callable[[int], Sequence[int]] | None = None,
     ) -> None:
         self.cfg = resolve_run_config(run_config or {}, {"strategy": protocol} if protocol else {})
         self.spec = get_protocol(self.cfg["strategy"])
@@ -93,6 +96,7 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         self.spec.server.check_setup(model, self.model_spec, self.settings)
         self._split_server = split_server
         self._protocol: ProtocolServer | None = None
+        self.federation = Federation(partition_sizes)
         self.nodes: dict[int, NodeInfo] = {}
         self.history: list[dict[str, Any]] = []
         self.evaluations: dict[int, dict[str, Any]] = {}
@@ -225,7 +229,7 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         """The node list (:attr:`nodes`) and what keeps it in step with the grid."""
         directory = getattr(self, "_directory", None)
         if not isinstance(directory, NodeDirectory) or directory.nodes is not self.nodes:
-            directory = self._directory = NodeDirectory(self.nodes, self.name)
+            directory = self._directory = NodeDirectory(self.nodes, self.name, self.federation)
         return directory
 
     def discover_nodes(self, grid: Grid) -> None:
