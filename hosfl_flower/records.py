@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
@@ -87,17 +88,49 @@ def ledger_to_record(entries: Sequence[LedgerEntry]) -> ConfigRecord:
     return record
 
 
-def _values(record: ConfigRecord, key: str) -> list[Any]:
-    """A list entry of ``record``, copied (what :func:`ledger_to_record` writes)."""
-    return list(cast(list[Any], record[key]))
+_MAX_ROUND = 2**53
+_MAX_SEED = 2**63 - 1
+
+
+def _values(record: ConfigRecord, key: str, kind: type | tuple[type, ...]) -> list[Any]:
+    """A list entry of ``record`` (what :func:`ledger_to_record` writes), copied; every item of ``kind``
+    (never a ``bool``); ``ValueError`` otherwise."""
+    if key not in record:
+        raise ValueError(f"malformed ledger record: missing {key}")
+    values = record[key]
+    if not isinstance(values, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"malformed ledger record: {key} must be a list of {getattr(kind, '__name__', 'numbers')}")
+    return list(cast(list[Any], values))
+
+
+def _in_range(key: str, values: Sequence[int], low: int, high: int) -> None:
+    if not all(low <= v <= high for v in values):
+        raise ValueError(f"malformed ledger record: {key} outside [{low}, {high}]")
+
+
+def _finite(key: str, values: Sequence[int | float], positive: bool = False) -> list[float]:
+    try:
+        numbers = [float(v) for v in values]
+    except OverflowError:
+        raise ValueError(f"malformed ledger record: {key} out of range") from None
+    if not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
+        raise ValueError(f"malformed ledger record: {key} must be finite{' and positive' if positive else ''}")
+    return numbers
 
 
 def record_to_ledger(record: ConfigRecord) -> list[LedgerEntry]:
-    """Ledger entries back from :func:`ledger_to_record`; raises ``ValueError`` on inconsistent lengths."""
-    rounds, counts = _values(record, "rounds"), _values(record, "counts")
-    seeds, scalars = _values(record, "seeds"), _values(record, "scalars")
-    lrs, mus = _values(record, "lr"), _values(record, "mu")
-    directions = _values(record, "directions") if "directions" in record else ["gaussian"] * len(rounds)
+    """Ledger entries back from :func:`ledger_to_record`; raises ``ValueError`` on anything else: a missing
+    or mistyped list, inconsistent lengths, a negative or huge round, count or seed, a scalar or rate that
+    is not finite, a ``mu`` that is not positive, or an unknown direction distribution."""
+    rounds, counts = _values(record, "rounds", int), _values(record, "counts", int)
+    seeds = _values(record, "seeds", int)
+    scalars = _finite("scalars", _values(record, "scalars", (int, float)))
+    lrs = _finite("lr", _values(record, "lr", (int, float)))
+    mus = _finite("mu", _values(record, "mu", (int, float)), positive=True)
+    directions = _values(record, "directions", str) if "directions" in record else ["gaussian"] * len(rounds)
+    _in_range("rounds", rounds, 0, _MAX_ROUND)
+    _in_range("counts", counts, 0, len(seeds))
+    _in_range("seeds", seeds, 0, _MAX_SEED)
     if (
         not len(rounds) == len(counts) == len(lrs) == len(mus) == len(directions)
         or sum(counts) != len(seeds)
@@ -110,9 +143,9 @@ def record_to_ledger(record: ConfigRecord) -> list[LedgerEntry]:
             LedgerEntry(
                 int(rnd),
                 tuple(int(s) for s in seeds[offset : offset + count]),
-                tuple(float(v) for v in scalars[offset : offset + count]),
-                float(lr),
-                float(mu),
+                tuple(scalars[offset : offset + count]),
+                lr,
+                mu,
                 str(kind),
             )
         )

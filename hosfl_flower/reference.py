@@ -1,14 +1,13 @@
 """Any registered protocol as a plain in-process loop, with no Flower: the check of the Flower run.
 
 It drives the protocol's own server part and its nodes' handlers, exactly as the Flower strategy and
-ClientApp do, but hands each typed request to the node's client directly instead of through records,
-messages, the simulation engine and ``Context``. A Flower run that ends ``torch.equal`` to this loop
-therefore shows that the transport moved every number without loss.
+ClientApp do, but hands each typed request to the node's client directly: through the same records and
+validation, without messages, the simulation engine and ``Context``. A Flower run that ends
+``torch.equal`` to this loop therefore shows that the transport moved every number without loss.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +18,12 @@ from flwr.app import RecordDict
 
 from .config import resolve_run_config
 from .evaluation import evaluate_model
+from .faults import lie
 from .models import SplitModel
 from .node.client import ClientSettings, HOSFLClient
 from .node.store import WeightStore
 from .protocols.base import Check, Link, NodeInfo, ProtocolServer, RunSettings, ServerHooks
-from .protocols.messages import ModelSpec, Payload
+from .protocols.messages import ModelSpec, Payload, ReplyError
 from .protocols.registry import get_protocol
 from .schedule import RoundSchedule
 from .split_server import SplitServer
@@ -57,23 +57,54 @@ class RoundTrace:
 
 
 class InProcessLink(Link):
-    """A link that calls each node's handler directly (requests and replies are deep-copied, as
-    records would copy them)."""
+    """A link that calls each node's handler directly, through records as the Flower link does: the
+    request is written and read back (``to_record`` / ``from_record``) before the handler runs, and the
+    reply is written and read back with its request and ``spec``. A handler that raises counts as
+    ``error``, a reply that fails validation under its reason (any other exception of a decoding as
+    ``malformed``), as :class:`~hosfl_flower.flower.link.GridLink` counts them."""
 
-    def __init__(self, name: str, clients: Mapping[int, HOSFLClient], server_round: int) -> None:
+    def __init__(
+        self,
+        name: str,
+        clients: Mapping[int, HOSFLClient],
+        server_round: int,
+        config: Mapping[str, Any] | None = None,
+        spec: ModelSpec | None = None,
+    ) -> None:
         super().__init__(name)
-        self.clients, self.server_round = clients, server_round
+        self.clients, self.server_round, self.config, self.spec = clients, server_round, config, spec
 
     def exchange(self, requests: Sequence[tuple[NodeInfo, Payload]], check: Check | None = None) -> dict[NodeInfo, Any]:
         kept: dict[NodeInfo, Any] = {}
         for node, request in requests:
-            reply = self.clients[node.node_id].handle(copy.deepcopy(request), self.server_round)
-            reply = copy.deepcopy(reply)
-            if self.keep(node, reply, check):
+            reply = self.call(node, request)
+            if reply is not None and self.keep(node, reply, check):
                 kept[node] = reply
         if requests:
             self.account.round_trips += 1
         return kept
+
+    def call(self, node: NodeInfo, request: Payload) -> Any:
+        """The node's validated reply to ``request``, or ``None`` after counting why it was rejected."""
+        expected = type(request).reply_type
+        if expected is None:
+            raise TypeError(f"{type(request).__name__} declares no reply_type")
+        client = self.clients[node.node_id]
+        try:
+            reply = client.handle(type(request).from_record(request.to_record()), self.server_round)
+            if self.config is not None:  # the run's fault injection, as the ClientApp applies it
+                reply = lie(self.config, client.settings.partition_id, request, reply, self.server_round)
+            content = reply.to_record()
+        except Exception as error:  # noqa: BLE001 - a node that fails answers with an error, as in Flower
+            self.reject("error", node, f"{type(error).__name__}: {error}")
+            return None
+        try:
+            return expected.from_record(content, request, self.spec)
+        except ReplyError as error:
+            self.reject(error.reason, node, str(error))
+        except Exception as error:  # noqa: BLE001 - whatever a node sends, a bad reply is only rejected
+            self.reject("malformed", node, f"{type(error).__name__}: {error}")
+        return None
 
 
 def build_reference_nodes(
@@ -118,7 +149,8 @@ def run_reference(
         momentum=cfg["server.momentum"],
         weight_decay=cfg["server.weight-decay"],
     )
-    model_spec = ModelSpec.of(model, test.take(torch.arange(1)).inputs)
+    example = test.take(torch.arange(1))
+    model_spec = ModelSpec.of(model, example.inputs, example.labels)
     protocol = spec.server(model, model_spec, run, spec.settings.from_config(cfg), server, schedule, hooks)
     clients = build_reference_nodes(cfg, num_partitions, client_class)
     nodes = [NodeInfo(pid, pid, len(client.train)) for pid, client in clients.items()]
@@ -127,12 +159,12 @@ def run_reference(
     result = ReferenceResult(model, protocol, clients=clients)
     for rnd in range(1, run.num_rounds + 1):
         picked = schedule.sample([n.partition_id for n in nodes], run.clients_per_round)
-        link = InProcessLink(spec.name, clients, rnd)
+        link = InProcessLink(spec.name, clients, rnd, cfg, spec=model_spec)
         row: dict[str, Any] = {"round": rnd, **protocol.run_round(rnd, [nodes[p] for p in picked], link)}
         if rnd % cfg["eval-every"] == 0 or rnd == run.num_rounds:
             row["loss"], row["accuracy"] = evaluate_model(model, test, cfg["eval-batch-size"])
         result.history.append(row)
         if observe is not None:
             observe(RoundTrace(rnd, model, row))
-    protocol.finish(nodes, InProcessLink(spec.name, clients, 0))
+    protocol.finish(nodes, InProcessLink(spec.name, clients, 0, spec=model_spec))
     return result

@@ -11,7 +11,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from ..protocols.base import Check, Link, NodeInfo
-from ..protocols.messages import ModelSpec, Payload, ReplyError
+from ..protocols.messages import ModelSpec, Payload, ReplyError, require_int, require_record
 
 CONFIG_CATEGORIES = {"config": "other"}
 
@@ -30,10 +30,11 @@ def request_message(request: Payload, node_id: int, server_round: int, extra: Ma
 
 
 def server_round_of(content: RecordDict) -> int:
-    """The round a request message belongs to (0 when it carries none)."""
-    config = content.get("config")
-    value = config.get("server-round", 0) if isinstance(config, ConfigRecord) else 0
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) else 0
+    """The round a request message belongs to (0 when it carries none); :class:`ReplyError` when its
+    ``config`` record is not a ``ConfigRecord`` or ``server-round`` is not an integer in ``[0, 2**53]``."""
+    if "config" not in content:
+        return 0
+    return require_int(require_record(content, "config", ConfigRecord), "server-round", default=0)
 
 
 def reply_type(request: Payload) -> type[Payload]:

@@ -14,14 +14,14 @@ from ...records import tensors_to_record
 from ..messages import (
     Payload,
     Reply,
-    ReplyError,
     check_state,
     compute_seconds,
     layout_of,
+    require_int,
+    require_number,
     require_record,
     require_scalars,
     require_tensors,
-    require_value,
 )
 
 
@@ -34,6 +34,7 @@ class FedAvgReply(Reply):
     train_loss: float
 
     categories: ClassVar[Mapping[str, str]] = {"arrays": "model_up", "meta": "other"}
+    attack_fields: ClassVar[tuple[str, ...]] = ("weights",)
 
     def to_record(self) -> RecordDict:
         meta = self.meta(**{"num-examples": self.num_examples, "train-loss": self.train_loss})
@@ -43,12 +44,10 @@ class FedAvgReply(Reply):
     def from_record(cls, content, request: Payload | None = None, spec=None) -> FedAvgReply:
         """The trained model must have the layout of the request's (and be finite)."""
         meta = require_record(content, "meta", ConfigRecord)
-        weights = require_tensors(content, "arrays")
+        weights = require_tensors(content, "arrays", finite=True)
         if isinstance(request, FedAvgRequest):
             check_state(weights, layout_of(request.weights), "model")
-        num_examples = int(require_value(meta, "num-examples", int))
-        if num_examples <= 0:
-            raise ReplyError("out-of-range", "num-examples")
+        num_examples = require_int(meta, "num-examples", minimum=1)
         train_loss = require_scalars(meta, "train-loss", 1)[0]
         return cls(weights, num_examples, train_loss, compute_seconds=compute_seconds(meta))
 
@@ -73,7 +72,7 @@ class FedAvgRequest(Payload):
     def from_record(cls, content, request=None, spec=None) -> FedAvgRequest:
         train = require_record(content, "fedavg", ConfigRecord)
         return cls(
-            require_tensors(content, "arrays"),
-            int(require_value(train, "local-steps", int)),
-            float(require_value(train, "lr", (int, float))),
+            require_tensors(content, "arrays", finite=True),
+            require_int(train, "local-steps", minimum=1),
+            require_number(train, "lr", minimum=0.0),
         )

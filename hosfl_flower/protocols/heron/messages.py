@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
+from ...models.aux_head import AUX_HEADS
 from ...records import tensors_to_record
 from ..messages import (
     ModelSpec,
@@ -21,10 +22,12 @@ from ..messages import (
     check_state,
     compute_seconds,
     layout_of,
+    require_int,
     require_int_list,
+    require_number,
     require_record,
+    require_str,
     require_tensors,
-    require_value,
 )
 
 
@@ -51,6 +54,7 @@ class HeronReply(Reply):
         "meta": "other",
     }
     lie_field: ClassVar[str | None] = "batches"
+    attack_fields: ClassVar[tuple[str, ...]] = ("client_state", "head_state")
 
     def to_record(self) -> RecordDict:
         records: dict[str, Any] = {
@@ -74,9 +78,7 @@ class HeronReply(Reply):
         check_state(client, spec.client_state if spec is not None else layout_of(client), "client segment")
         check_state(head, layout_of(request.head_state if request is not None else head), "auxiliary head")
         batches = [SmashedBatch.read(content, spec, f".{index}") for index in range(len(steps))]
-        num_examples = int(require_value(meta, "num-examples", int))
-        if num_examples <= 0:
-            raise ReplyError("wrong-count", "num-examples must be positive")
+        num_examples = require_int(meta, "num-examples", minimum=1)
         return cls(client, head, num_examples, steps, batches, compute_seconds=compute_seconds(meta))
 
 
@@ -112,15 +114,14 @@ class HeronRequest(Payload):
     @classmethod
     def from_record(cls, content, request=None, spec=None) -> HeronRequest:
         settings = require_record(content, "heron", ConfigRecord)
-        steps, every = (int(require_value(settings, key, int)) for key in ("local-steps", "upload-every"))
-        if steps < 1 or not 1 <= every <= steps:
-            raise ReplyError("out-of-range", f"local-steps={steps}, upload-every={every}")
+        steps = require_int(settings, "local-steps", minimum=1)
+        every = require_int(settings, "upload-every", minimum=1, maximum=steps)
         return cls(
-            require_tensors(content, "arrays"),
-            require_tensors(content, "aux-head"),
+            require_tensors(content, "arrays", finite=True),
+            require_tensors(content, "aux-head", finite=True),
             steps,
             every,
-            float(require_value(settings, "mu", (int, float))),
-            float(require_value(settings, "lr", (int, float))),
-            str(require_value(settings, "head", str)),
+            require_number(settings, "mu", positive=True),
+            require_number(settings, "lr", minimum=0.0),
+            require_str(settings, "head", AUX_HEADS),
         )

@@ -11,7 +11,10 @@ from typing import ClassVar
 import torch
 from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
+from ...zo import DISTRIBUTIONS, ESTIMATORS
 from ..messages import (
+    MAX_LIST,
+    MAX_SEED,
     CatchUp,
     ModelSpec,
     Payload,
@@ -21,11 +24,16 @@ from ..messages import (
     activation_grad_record,
     compute_seconds,
     read_activation_grad,
+    require_int,
     require_int_list,
+    require_number,
     require_record,
     require_scalars,
-    require_value,
+    require_str,
 )
+
+FINGERPRINT_LENGTH = 64
+"""Longest fingerprint a reply may carry (a node's is 32 hex digits)."""
 
 
 @dataclass
@@ -54,8 +62,9 @@ class VersionedReply(Reply):
 
     @staticmethod
     def read_version(content: RecordDict) -> tuple[ConfigRecord, str, int]:
+        """``meta`` with its ``fingerprint`` (a short string) and ``applied-round`` (``>= 0``)."""
         meta = require_record(content, "meta", ConfigRecord)
-        return meta, str(require_value(meta, "fingerprint", str)), int(require_value(meta, "applied-round", int))
+        return meta, require_str(meta, "fingerprint", max_length=FINGERPRINT_LENGTH), require_int(meta, "applied-round")
 
 
 @dataclass
@@ -76,11 +85,16 @@ class SmashReply(VersionedReply):
 
     @classmethod
     def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> SmashReply:
+        return cls.read_smash(content, spec)
+
+    @classmethod
+    def read_smash(cls, content: RecordDict, spec: ModelSpec | None, extra: tuple[str, ...] = ()) -> SmashReply:
+        """The versioned batch (``extra``: more tensors in ``smashed``, each shaped like ``z``)."""
         meta, fp, applied = cls.read_version(content)
-        batch = SmashedBatch.read(content, spec)
-        if int(require_value(meta, "num-examples", int)) != batch.num_examples:
+        batch = SmashedBatch.read(content, spec, extra=extra)
+        if require_int(meta, "num-examples", minimum=1) != batch.num_examples:
             raise ReplyError("wrong-count", "num-examples disagrees with the labels")
-        return cls(fp, applied, batch, compute_seconds=compute_seconds(meta))
+        return SmashReply(fp, applied, batch, compute_seconds=compute_seconds(meta))
 
 
 @dataclass
@@ -91,6 +105,7 @@ class ProbeReply(Reply):
 
     categories: ClassVar[Mapping[str, str]] = {"scalars": "scalars_up", "meta": "other"}
     lie_field: ClassVar[str | None] = "scalars"
+    attack_fields: ClassVar[tuple[str, ...]] = ("scalars",)
 
     def to_record(self) -> RecordDict:
         return RecordDict({"scalars": MetricRecord({"values": [float(v) for v in self.scalars]}), "meta": self.meta()})
@@ -98,7 +113,8 @@ class ProbeReply(Reply):
     @classmethod
     def from_record(cls, content, request: ProbeRequest | None = None, spec=None) -> ProbeReply:
         scalars = require_record(content, "scalars", MetricRecord)
-        count = len(request.seeds) if request is not None else len(scalars.get("values", []))
+        values = scalars.get("values")
+        count = len(request.seeds) if request is not None else len(values) if isinstance(values, list) else 1
         meta = require_record(content, "meta", ConfigRecord)
         return cls(require_scalars(scalars, "values", count), compute_seconds=compute_seconds(meta))
 
@@ -126,9 +142,10 @@ class ProbeRequest(Payload):
     @classmethod
     def from_record(cls, content, request=None, spec=None) -> ProbeRequest:
         seeds = require_record(content, "seeds", ConfigRecord)
-        lam, mu = read_activation_grad(content), float(require_value(seeds, "mu", (int, float)))
-        how = {key: str(seeds.get(key, default)) for key, default in (("estimator", "forward"), ("directions", "gaussian"))}
-        return cls(lam, tuple(require_int_list(seeds, "seeds")), mu, how["estimator"], how["directions"])
+        lam, mu = read_activation_grad(content), require_number(seeds, "mu", positive=True)
+        estimator = require_str(seeds, "estimator", ESTIMATORS, default="forward")
+        directions = require_str(seeds, "directions", DISTRIBUTIONS, default="gaussian")
+        return cls(lam, tuple(require_int_list(seeds, "seeds", maximum=MAX_SEED, max_length=MAX_LIST)), mu, estimator, directions)
 
 
 @dataclass

@@ -22,6 +22,8 @@ from ..messages import (
     check_state,
     compute_seconds,
     read_activation_grad,
+    require_int,
+    require_number,
     require_record,
     require_tensors,
     require_value,
@@ -49,7 +51,7 @@ class SplitFedSmashReply(Reply):
     def from_record(cls, content, request=None, spec: ModelSpec | None = None) -> SplitFedSmashReply:
         meta = require_record(content, "meta", ConfigRecord)
         batch = SmashedBatch.read(content, spec)
-        if int(require_value(meta, "num-examples", int)) != batch.num_examples:
+        if require_int(meta, "num-examples", minimum=1) != batch.num_examples:
             raise ReplyError("wrong-count", "num-examples disagrees with the labels")
         return cls(batch, compute_seconds=compute_seconds(meta))
 
@@ -73,8 +75,8 @@ class SplitFedSmashRequest(Payload):
 
     @classmethod
     def from_record(cls, content, request=None, spec=None) -> SplitFedSmashRequest:
-        step = int(require_value(require_record(content, "step", ConfigRecord), "step", int))
-        return cls(step, require_tensors(content, "arrays") if "arrays" in content else None)
+        step = require_int(require_record(content, "step", ConfigRecord), "step")
+        return cls(step, require_tensors(content, "arrays", finite=True) if "arrays" in content else None)
 
 
 @dataclass
@@ -84,6 +86,7 @@ class SplitFedGradReply(Reply):
     weights: dict[str, torch.Tensor] | None = None
 
     categories: ClassVar[Mapping[str, str]] = {"arrays": "model_up", "meta": "other"}
+    attack_fields: ClassVar[tuple[str, ...]] = ("weights",)
 
     def to_record(self) -> RecordDict:
         records: dict[str, Any] = {"meta": self.meta()}
@@ -97,7 +100,7 @@ class SplitFedGradReply(Reply):
         meta = require_record(content, "meta", ConfigRecord)
         weights = None
         if "arrays" in content or (isinstance(request, SplitFedGradRequest) and request.last):
-            weights = require_tensors(content, "arrays")
+            weights = require_tensors(content, "arrays", finite=True)
             if spec is not None:
                 check_state(weights, spec.client_state, "client segment")
         return cls(weights, compute_seconds=compute_seconds(meta))
@@ -125,7 +128,7 @@ class SplitFedGradRequest(Payload):
         step = require_record(content, "step", ConfigRecord)
         return cls(
             read_activation_grad(content),
-            int(require_value(step, "step", int)),
-            float(require_value(step, "lr", (int, float))),
+            require_int(step, "step"),
+            require_number(step, "lr", minimum=0.0),
             bool(require_value(step, "last", bool)),
         )

@@ -9,10 +9,20 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from ..hosfl.messages import SmashReply
-from ..messages import CatchUp, ModelSpec, Payload, ReplyError, SmashedBatch, require_int_list, require_record, require_value
+from ..messages import (
+    MAX_SEED,
+    CatchUp,
+    ModelSpec,
+    Payload,
+    ReplyError,
+    SmashedBatch,
+    require_int_list,
+    require_number,
+    require_record,
+)
 
 PERTURBED_PREFIX = "z~"
 """``smashed`` holds ``z̃_p`` under ``z~<p>``, next to ``z``."""
@@ -25,6 +35,7 @@ class ZOSmashReply(SmashReply):
     perturbed: list[torch.Tensor] = field(default_factory=list)
 
     lie_field: ClassVar[str | None] = "batch"
+    attack_fields: ClassVar[tuple[str, ...]] = ("perturbed",)
 
     def to_record(self) -> RecordDict:
         tildes = {f"{PERTURBED_PREFIX}{p}": z for p, z in enumerate(self.perturbed)}
@@ -33,14 +44,15 @@ class ZOSmashReply(SmashReply):
 
     @classmethod
     def from_record(cls, content, request: ZOSmashRequest | None = None, spec: ModelSpec | None = None) -> ZOSmashReply:
-        """As HO-SFL's smash reply, plus exactly ``P`` perturbed activations shaped like ``z``."""
-        reply = SmashReply.from_record(content, request, spec)
-        smashed = reply.batch.smashed
-        count = len(request.seeds) if request is not None else sum(k.startswith(PERTURBED_PREFIX) for k in smashed)
-        found = [smashed.pop(f"{PERTURBED_PREFIX}{p}", None) for p in range(count)]
-        tildes = [t for t in found if t is not None]
-        if len(tildes) != count or any(k.startswith(PERTURBED_PREFIX) for k in smashed):
+        """As HO-SFL's smash reply, plus exactly ``P`` perturbed activations of ``z``'s dtype and shape."""
+        record = require_record(content, "smashed", ArrayRecord)
+        count = len(request.seeds) if request is not None else sum(k.startswith(PERTURBED_PREFIX) for k in record)
+        names = tuple(f"{PERTURBED_PREFIX}{p}" for p in range(count))
+        if {k for k in record if k.startswith(PERTURBED_PREFIX)} != set(names):
             raise ReplyError("wrong-count", f"expected exactly {count} perturbed activations")
+        reply = SmashReply.read_smash(content, spec, names)
+        smashed = reply.batch.smashed
+        tildes = [smashed.pop(name) for name in names]
         z = smashed["z"]
         if any(t.dtype != z.dtype for t in tildes):
             raise ReplyError("wrong-dtype", "perturbed activations differ from z in dtype")
@@ -67,5 +79,5 @@ class ZOSmashRequest(Payload):
     @classmethod
     def from_record(cls, content, request=None, spec=None) -> ZOSmashRequest:
         seeds = require_record(content, "seeds", ConfigRecord)
-        values = tuple(require_int_list(seeds, "seeds"))
-        return cls(CatchUp.read(content), values, float(require_value(seeds, "mu", (int, float))))
+        values = tuple(require_int_list(seeds, "seeds", maximum=MAX_SEED))
+        return cls(CatchUp.read(content), values, require_number(seeds, "mu", positive=True))
