@@ -118,7 +118,7 @@ def attack(mode: str, partition_id: int, request: Payload, reply: Payload, serve
     if not reply.attack_fields:
         return reply
     how = mode if mode != "mixed" else ("huge" if server_round % 2 else "flip")
-    changed = {}
+    changed: dict[str, Any] = {}
     for name in reply.attack_fields:
         value = getattr(reply, name)
         if name == "perturbed" and isinstance(getattr(reply, "batch", None), SmashedBatch):

@@ -1,12 +1,14 @@
-"""The aggregation rules, the reply bound, the hard cap on ledger updates and the server-fixed rows
-(hosfl_flower/protocols/aggregation.py, zo/update.py): exact values on small inputs."""
+"""The aggregation rules, the reply bound, the hard cap on ledger updates (exact values on small inputs),
+and the rows the server fixes: a node that sends more rows is rejected, not up-weighted."""
 
 import math
 
 import pytest
 import torch
 
+from hosfl_flower.node.client import HOSFLClient
 from hosfl_flower.protocols.aggregation import Aggregator, ReplyBound, combine_rows, state_distance, weighted_average
+from hosfl_flower.reference import run_reference
 from hosfl_flower.zo import LedgerEntry, cap_entry, estimate_norm
 
 ROWS = torch.tensor([[1.0, 10.0], [2.0, -5.0], [100.0, 0.0]], dtype=torch.float64)
@@ -93,3 +95,31 @@ def test_the_hard_cap_bounds_every_ledger_entry_even_with_clipping_off():
     assert cap_entry(entry, params, clip=5.0, cap=1000.0).scalars == cap_entry(entry, params, clip=5.0).scalars
     small = LedgerEntry(1, (11,), (1e-6,), 0.3, 1e-3)
     assert cap_entry(small, params, clip=0.0, cap=1000.0) is small
+
+
+class _Inflating(HOSFLClient):
+    """Partition 2 smashes its batch three times over, so that its reply would carry three times the rows."""
+
+    def draw_batch(self, server_round, step=None):
+        batch = super().draw_batch(server_round, step)
+        if self.settings.partition_id != 2:
+            return batch
+        return batch.take(torch.arange(len(batch)).repeat(3))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kept"), [("hosfl", "smash-replies"), ("zo-sfl", "smash-replies"), ("heron-sfl", "replies")]
+)
+def test_a_node_cannot_raise_its_own_weight_with_more_rows(strategy, kept):
+    seen = []
+    cfg = {"strategy": strategy, "num-server-rounds": 2, "eval-every": 2, "batch-size": 8, "zo.num-perturbations": 2}
+    run_reference(cfg, 3, observe=lambda trace: seen.append(trace.metrics), client_class=_Inflating)
+    assert [row["sampled"] for row in seen] == [3, 3]
+    assert [row[kept] for row in seen] == [2, 2]  # partition 2's replies are rejected (wrong-count), not up-weighted
+
+
+def test_splitfed_rejects_a_batch_with_more_rows_than_the_server_expects():
+    seen = []
+    cfg = {"strategy": "splitfed-v2", "num-server-rounds": 2, "eval-every": 2, "batch-size": 8}
+    run_reference(cfg, 3, observe=lambda trace: seen.append(trace.metrics), client_class=_Inflating)
+    assert [row["finished"] for row in seen] == [2, 2] and [row["samples"] for row in seen] == [16, 16]

@@ -27,7 +27,7 @@ from hosfl_flower import build_apps as package_build_apps
 from hosfl_flower.data import Examples
 from hosfl_flower.options import Settings, setting
 from hosfl_flower.protocols import Payload, ProtocolServer, Reply, ReplyError, ServerHooks, protocols, register_protocol
-from hosfl_flower.protocols.messages import require_record, require_scalars, require_value
+from hosfl_flower.protocols.messages import compute_seconds, require_record, require_scalars, require_value
 
 NAME = "toy-stats"
 
@@ -58,7 +58,7 @@ class StatsReply(Reply):
         num_examples = int(require_value(meta, "num-examples", int))
         if abs(sum(counts) - request.scale * num_examples) > 1e-6 * max(num_examples, 1):
             raise ReplyError("wrong-count", "counts do not add up to the batch")
-        return cls(counts, num_examples, compute_seconds=float(meta.get("compute-seconds", 0.0)))
+        return cls(counts, num_examples, compute_seconds=compute_seconds(meta))
 
 
 @dataclass

@@ -71,9 +71,12 @@ class GridLink(Link):
             messages.append(message)
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
         self.account.round_trips += 1
+        # A reply belongs to the request it answers (an error reply Flower makes for an unreachable node
+        # carries the SuperLink's id as its source); the source node is the fallback.
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id}
         by_node: dict[int, Message] = {}
         for reply in replies:
-            by_node.setdefault(reply.metadata.src_node_id, reply)
+            by_node.setdefault(sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply)
         kept: dict[NodeInfo, Any] = {}
         for node, request in requests:
             answer = by_node.get(node.node_id)

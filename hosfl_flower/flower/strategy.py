@@ -92,7 +92,8 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         self.run = RunSettings.from_config(self.cfg)
         self.settings = self.spec.settings.from_config(self.cfg)
         self.schedule = RoundSchedule(self.cfg["seed"])
-        self.model_spec = ModelSpec.of(model, test.take(torch.arange(1)).inputs)
+        example = test.take(torch.arange(1))
+        self.model_spec = ModelSpec.of(model, example.inputs, example.labels)
         self.spec.server.check_setup(model, self.model_spec, self.settings)
         self._split_server = split_server
         self._protocol: ProtocolServer | None = None

@@ -23,10 +23,12 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import torch
 
 AGGREGATORS = ("mean", "median", "trimmed-mean", "clipped-mean")
+K = TypeVar("K")
 HISTORY = 8
 """How many accepted reply sizes :class:`ReplyBound` remembers (a few rounds: honest sizes drift as a run trains)."""
 
@@ -129,7 +131,7 @@ class ReplyBound:
         self.factor = float(factor)
         self.history: deque[float] = deque(maxlen=HISTORY)
 
-    def screen(self, sizes: Mapping[object, float]) -> set:
+    def screen(self, sizes: Mapping[K, float]) -> set[K]:
         """The keys of ``sizes`` to reject; the sizes of the others join the history."""
         finite = {key: size for key, size in sizes.items() if math.isfinite(size)}
         rejected = set(sizes) - set(finite)
