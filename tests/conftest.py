@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -17,19 +18,22 @@ BIN = Path(sys.executable).parent
 # modules to the two xdist workers in collection order (``--no-loadscope-reorder`` in pyproject.toml), so
 # the long ones start early and the many short ones fill in at the end, and both workers finish together.
 HEAVIEST_FIRST = (
-    "test_reliability.py",
     "test_strategies.py",
+    "test_reliability.py",
     "test_deployment.py",
     "test_compare.py",
-    "test_simulation.py",
+    "test_byzantine.py",
+    "test_learning.py",
     "test_llm.py",
     "test_reliability_baselines.py",
-    "test_estimators.py",
-    "test_protocol_plugin.py",
-    "test_learning.py",
     "test_flwr_run.py",
+    "test_estimators.py",
     "test_pretrain.py",
+    "test_protocol_plugin.py",
+    "test_simulation.py",
     "test_memory.py",
+    "test_fuzz_replies.py",
+    "test_checkpoint_checks.py",
 )
 
 
@@ -59,14 +63,29 @@ def run_simulation_cli(args: list[str], timeout: float = 600) -> subprocess.Comp
     )
 
 
+ONE_ACTOR = ["--num-cpus-per-client", "2"]
+"""``flower-simulation`` arguments for one ClientApp actor on the 2-core CI machine instead of two (every actor
+costs about 6 CPU seconds to start). For the runs that test fault handling and kill-and-resume (whose resumed
+run starts fresh processes anyway), not that a node's state survives moving between processes: the exactness
+runs against the reference loop (test_strategies.py, test_simulation.py, ...) keep the default, two."""
+
+
 @pytest.fixture
 def simulate(tmp_path):
     """Run ``flower-simulation --app APP`` with run-config overrides; return (process, results dir)."""
 
-    def _run(overrides: str, num_supernodes: int = 10, app: str = "hosfl_flower.app"):
+    def _run(overrides: str, num_supernodes: int = 10, app: str = "hosfl_flower.app", extra_args: Sequence[str] = ()):
         results = tmp_path / "results"
         process = run_simulation_cli(
-            ["--app", app, "--num-supernodes", str(num_supernodes), "--run-config", f"{overrides} results-dir='{results}'"]
+            [
+                "--app",
+                app,
+                "--num-supernodes",
+                str(num_supernodes),
+                *extra_args,
+                "--run-config",
+                f"{overrides} results-dir='{results}'",
+            ]
         )
         assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
         return process, results

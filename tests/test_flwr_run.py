@@ -71,7 +71,13 @@ def _submit(flwr, *args: str) -> str:
 
 
 def _wait(flwr, run_id: str, limit: float = 400) -> dict:
+    """The run's ``flwr ls`` record once it is ``finished:*``. ``flwr log --stream`` first: it returns when the
+    run ends and waits without work, where every ``flwr ls`` is a process start (about a CPU second)."""
     deadline = time.monotonic() + limit
+    try:
+        flwr("log", run_id, "--stream", timeout=limit)
+    except subprocess.TimeoutExpired:
+        pass
     while time.monotonic() < deadline:
         listed = flwr("ls", "--run-id", run_id, "--format", "json")
         runs = json.loads(listed.stdout[listed.stdout.index("{") :]).get("runs", [])

@@ -136,8 +136,8 @@ def simulate_plugin(simulate, monkeypatch):
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
     )
-    return lambda overrides, num_supernodes=4: simulate(
-        overrides, num_supernodes=num_supernodes, app="tests.test_protocol_plugin"
+    return lambda overrides, num_supernodes=4, extra_args=(): simulate(
+        overrides, num_supernodes=num_supernodes, app="tests.test_protocol_plugin", extra_args=extra_args
     )
 
 
@@ -162,8 +162,8 @@ def test_a_protocol_from_a_test_file_runs_in_flower_and_in_the_reference_loop(si
 
 @pytest.mark.slow
 def test_its_replies_are_validated_and_a_lying_node_is_rejected(simulate_plugin):
-    from .conftest import load_results
+    from .conftest import ONE_ACTOR, load_results
 
-    _, results = simulate_plugin(f"{SIMULATED} faults.nan-partition=0 clients-per-round=4 min-replies=3")
+    _, results = simulate_plugin(f"{SIMULATED} faults.nan-partition=0 clients-per-round=4 min-replies=3", extra_args=ONE_ACTOR)
     _, rows, _ = load_results(results)
     assert all(row["rejected.non-finite"] == 1 and not row.get("skipped") for row in rows)

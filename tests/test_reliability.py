@@ -14,7 +14,7 @@ import torch
 from hosfl_flower.app import build_strategy
 from hosfl_flower.checkpoint import CheckpointError, checkpoint_path, read_checkpoint, save_checkpoint
 
-from .conftest import BIN, ROOT, assert_equal_to_reference, load_results, run_simulation_cli, subprocess_env
+from .conftest import BIN, ONE_ACTOR, ROOT, assert_equal_to_reference, load_results, run_simulation_cli, subprocess_env
 
 
 def _all_finite(final):
@@ -29,6 +29,7 @@ def test_faulty_nodes_are_dropped_counted_and_never_corrupt_the_model(simulate):
         "num-server-rounds=30 eval-every=1 clients-per-round=5 min-replies=2 max-skipped-rounds=30 "
         "faults.failure-rate=0.3 faults.nan-partition=1 faults.wrong-count-partition=2",
         num_supernodes=10,
+        extra_args=ONE_ACTOR,
     )
     final, rows, summary = load_results(results)
     assert len(rows) == 30 and _all_finite(final)
@@ -61,6 +62,7 @@ def test_a_run_that_cannot_make_progress_stops_with_a_clear_error(tmp_path):
             "hosfl_flower.app",
             "--num-supernodes",
             "4",
+            *ONE_ACTOR,
             "--run-config",
             f"num-server-rounds=20 max-skipped-rounds=2 faults.failure-rate=1.0 results-dir='{tmp_path}'",
         ],
@@ -86,6 +88,7 @@ def _kill_after_first_checkpoint(checkpoints, results):
             "hosfl_flower.app",
             "--num-supernodes",
             "6",
+            *ONE_ACTOR,
             "--run-config",
             f"{RESUME_CONFIG} checkpoint-dir='{checkpoints}' results-dir='{results}'",
         ],
@@ -126,6 +129,7 @@ def resumed_run(tmp_path_factory):
             "hosfl_flower.app",
             "--num-supernodes",
             "6",
+            *ONE_ACTOR,
             "--run-config",
             f"{RESUME_CONFIG} resume=true checkpoint-dir='{checkpoints}' results-dir='{results}'",
         ]

@@ -9,6 +9,8 @@ from hosfl_flower.app import build_strategy
 from hosfl_flower.checkpoint import save_checkpoint
 from hosfl_flower.zo import LedgerEntry
 
+from .conftest import ONE_ACTOR
+
 FAULTS = "faults.failure-rate=0.3 faults.nan-partition=1 faults.wrong-count-partition=2"
 
 
@@ -19,6 +21,7 @@ def test_faulty_replies_never_reach_the_model(simulate, strategy):
         f"strategy='{strategy}' num-server-rounds=8 eval-every=1 clients-per-round=4 min-replies=2 "
         f"max-skipped-rounds=9 splitfed.local-steps=2 {FAULTS}",
         num_supernodes=10,
+        extra_args=ONE_ACTOR,
     )
     final = torch.load(results / "final-model.pt")
     rows = [json.loads(line) for line in (results / "rounds.jsonl").read_text().splitlines()]

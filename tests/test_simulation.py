@@ -1,4 +1,4 @@
-"""The Flower layer through real simulation runs: exactness against the reference loop, Ray placement."""
+"""The Flower layer through real simulation runs: exactness against the reference loop (Ray placement: test_estimators.py)."""
 
 import pytest
 import torch
@@ -31,22 +31,10 @@ def test_flower_run_is_bit_identical_to_the_reference_loop(simulate):
     assert rows[0]["bytes.model_down"] == 0 and rows[0]["round-trips"] == 2
 
 
-def test_ray_placement_and_adamw_client_match_the_reference(simulate):
-    _, results = simulate(
-        "num-server-rounds=6 eval-every=3 split-server.placement='ray' client.optimizer='adamw' client.lr=0.001",
-        num_supernodes=5,
-    )
-    final, rows, summary = load_results(results)
-    assert_equal_to_reference(final, rows, 5)
-    assert summary["final"]["final-sync-mismatches"] == 0 and summary["final"]["final-sync-nodes"] == 5
+# Ray placement of the split server with an AdamW client (equal to the reference loop, every node in sync) runs in
+# test_estimators.py::test_flower_run_with_an_estimator_variant_is_bit_identical_to_the_reference[jvp-ray-placement-adamw],
+# which shares that Flower run with the jvp estimator's.
 
 
-def test_frozen_client_moves_only_the_server_via_the_app_directory(simulate):
-    _, results = simulate("num-server-rounds=4 zo.num-perturbations=0 eval-every=4", num_supernodes=4, app=".")
-    final, rows, summary = load_results(results)
-    reference = assert_equal_to_reference(final, rows, 4)
-    assert len(reference.ledger) == 0 and all(r["round-trips"] == 1 for r in rows)
-    initial = run_reference({**final["config"], "num-server-rounds": 1}, 4).model
-    assert all(torch.equal(final["client"][k], v) for k, v in initial.client.state_dict().items())  # never trained
-    assert summary["final"]["ledger-entries"] == 0
-    assert not torch.equal(initial.server[-1].weight, final["server"][f"{len(initial.server) - 1}.weight"])
+# The frozen client (P = 0) through the app directory (``--app .``), moving only the server segment, runs in
+# test_strategies.py::test_flower_run_equals_the_reference_loop[frozen-client], which shares that Flower run.
