@@ -24,15 +24,19 @@ synchronisation report the true state of every node.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
+import os
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.app import Context, Error, Message
 
+from .node.store import default_store_dir
 from .protocols.messages import Payload, SmashedBatch
 
 INJECTED_ERROR_CODE = 90
@@ -73,18 +77,39 @@ def fault_mod(
 HUGE = 1e11
 """What a ``huge`` byzantine value is worth (in magnitude): inside the validation bound of 1e12."""
 
-_SENT: dict[tuple[int, tuple[str, ...]], dict[str, torch.Tensor]] = {}
-"""The last state each byzantine partition was sent, by its keys (the reference a ``flip`` reflects through)."""
+
+def _sent_path(run_id: str, partition_id: int, keys: Iterable[str]) -> Path:
+    """Where a byzantine node keeps the last state it was sent with these keys (the reference a ``flip``
+    reflects through): a file beside the node store, so that every process serving the node sees it."""
+    digest = hashlib.sha256("\0".join(sorted(keys)).encode()).hexdigest()[:16]
+    safe_run = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(run_id))
+    return default_store_dir() / "byzantine" / f"{safe_run}-{int(partition_id)}-{digest}.pt"
 
 
-def lie(config: Mapping[str, Any], partition_id: int, request: Payload, reply: Payload, server_round: int = 0) -> Payload:
+def _remember(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save({k: v.detach().clone() for k, v in state.items()}, temporary)
+    os.replace(temporary, path)
+
+
+def _recall(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError):
+        return {}
+
+
+def lie(
+    config: Mapping[str, Any], partition_id: int, request: Payload, reply: Payload, server_round: int = 0, run_id: str = "0"
+) -> Payload:
     """The reply a lying or byzantine node sends for ``request`` (``faults.nan-partition``,
     ``faults.wrong-count-partition``, ``faults.byzantine-*``); honest nodes' replies are returned as they are."""
     message_type = request.message_type
     if not message_type.startswith("train"):
         return reply
     if partition_id == config["faults.byzantine-partition"]:
-        return attack(config["faults.byzantine-mode"], partition_id, request, reply, server_round)
+        return attack(config["faults.byzantine-mode"], partition_id, request, reply, server_round, run_id)
     if reply.lie_field is None:
         return reply
     if partition_id == config["faults.nan-partition"]:
@@ -109,12 +134,12 @@ def _corrupt(value: Any, how: str) -> Any:
     raise TypeError(f"cannot corrupt a {type(value).__name__}")
 
 
-def attack(mode: str, partition_id: int, request: Payload, reply: Payload, server_round: int) -> Payload:
+def attack(mode: str, partition_id: int, request: Payload, reply: Payload, server_round: int, run_id: str = "0") -> Payload:
     """``reply`` with its :attr:`~hosfl_flower.protocols.messages.Payload.attack_fields` falsified (see the module docstring)."""
     for item in dataclasses.fields(request):  # type: ignore[arg-type]  # every Payload is a dataclass
         value = getattr(request, item.name)
         if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            _SENT[(partition_id, tuple(sorted(value)))] = {k: v.detach().clone() for k, v in value.items()}
+            _remember(_sent_path(run_id, partition_id, value), value)
     if not reply.attack_fields:
         return reply
     how = mode if mode != "mixed" else ("huge" if server_round % 2 else "flip")
@@ -125,7 +150,7 @@ def attack(mode: str, partition_id: int, request: Payload, reply: Payload, serve
             z = reply.batch.smashed["z"]  # type: ignore[attr-defined]
             changed[name] = [_huge(t) if how == "huge" else z - 3.0 * (t - z) for t in value]
         elif isinstance(value, dict):
-            sent = _SENT.get((partition_id, tuple(sorted(value))), {})
+            sent = _recall(_sent_path(run_id, partition_id, value))
             changed[name] = {k: _falsify(v, how, sent.get(k)) for k, v in value.items()}
         elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
             changed[name] = [math.copysign(HUGE, v) if how == "huge" else -3.0 * v for v in value]

@@ -9,6 +9,7 @@ validation, without messages, the simulation engine and ``Context``. A Flower ru
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +94,7 @@ class InProcessLink(Link):
         try:
             reply = client.handle(type(request).from_record(request.to_record()), self.server_round)
             if self.config is not None:  # the run's fault injection, as the ClientApp applies it
-                reply = lie(self.config, client.settings.partition_id, request, reply, self.server_round)
+                reply = lie(self.config, client.settings.partition_id, request, reply, self.server_round, client.run_id)
             content = reply.to_record()
         except Exception as error:  # noqa: BLE001 - a node that fails answers with an error, as in Flower
             self.reject("error", node, f"{type(error).__name__}: {error}")
@@ -112,7 +113,7 @@ def build_reference_nodes(
 ) -> dict[int, HOSFLClient]:
     """One client per partition (node id = partition id), sharing one model as a Flower process's nodes do."""
     task = client_task(cfg, num_partitions)
-    store, run_id = WeightStore(None), f"reference-{next(_RUNS)}"
+    store, run_id = WeightStore(None), f"reference-{os.getpid()}-{next(_RUNS)}"
     return {
         pid: client_class(
             task.model,

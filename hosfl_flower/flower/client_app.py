@@ -92,7 +92,7 @@ class ProtocolClientApp(ClientApp):
             reply = hello(client, request, round_)
         else:
             config = resolve_run_config(context.run_config, self.overrides)
-            reply = lie(config, client.settings.partition_id, request, client.handle(request, round_), round_)
+            reply = lie(config, client.settings.partition_id, request, client.handle(request, round_), round_, client.run_id)
         return Message(reply.to_record(), reply_to=message)
 
 
