@@ -238,22 +238,6 @@ def test_a_bad_schedule_is_refused_before_anything_loads(saved_run, tmp_path):
     _refused_and_unchanged(_strategy(config, tmp_path), "schedule is of generator 'no-such-generator'")
 
 
-@pytest.mark.slow
-def test_a_load_that_fails_halfway_is_rolled_back(saved_run, monkeypatch):
-    checkpoints, config = saved_run
-    strategy = _strategy(config, checkpoints)
-    load_state, calls = strategy.protocol.load_state, []
-
-    def fail_once(state):  # the protocol's part loads last, after the segments, the schedule and the history
-        calls.append(1)
-        if len(calls) == 1:
-            raise RuntimeError("disk on fire")
-        load_state(state)
-
-    monkeypatch.setattr(strategy.protocol, "load_state", fail_once)
-    _refused_and_unchanged(strategy, "does not load: disk on fire")
-
-
 def test_a_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         _strategy({"resume": True}, tmp_path / "nowhere").resume()
