@@ -108,10 +108,14 @@ def _unsupported(model_type: str) -> str:
     return f"cannot split {model_type!r} vision models; supported: {', '.join(sorted(VISION_SPLIT_FAMILIES))}"
 
 
+def _cut_error(cut_layer: int, model_type: str, num_blocks: int) -> str:
+    return f"cut-layer {cut_layer} is outside 1..{num_blocks - 1} ({model_type} with {num_blocks} blocks)"
+
+
 def _check_cut(config: PretrainedConfig, cut_layer: int) -> None:
     num_blocks = vision_num_blocks(config)
     if not 1 <= cut_layer < num_blocks:
-        raise ValueError(f"cut-layer {cut_layer} is outside 1..{num_blocks - 1} ({config.model_type} with {num_blocks} blocks)")
+        raise ValueError(_cut_error(cut_layer, config.model_type, num_blocks))
 
 
 def _check_client_batchnorm(mode: str) -> None:
@@ -143,6 +147,15 @@ def vision_config(name_or_path: str) -> PretrainedConfig:
         return VISION_TINY_CONFIGS[name_or_path]()
     with _quiet_transformers():
         return AutoConfig.from_pretrained(name_or_path)
+
+
+@lru_cache(maxsize=16)
+def _family(name_or_path: str) -> tuple[str, int, int]:
+    """``(model_type, blocks, default cut)`` of a vision model; blocks and cut are 0 for other model types."""
+    config = vision_config(name_or_path)
+    if config.model_type not in VISION_SPLIT_FAMILIES:
+        return config.model_type, 0, 0
+    return config.model_type, vision_num_blocks(config), default_vision_cut(config)
 
 
 def is_vision_model(name_or_path: str) -> bool:
@@ -277,8 +290,9 @@ def vision_library_model(name_or_path: str, num_classes: int, seed: int = 0, lor
 
 
 def clear_vision_model_cache() -> None:
-    """Forget every cached vision template (e.g. after a local checkpoint directory changed)."""
+    """Forget every cached vision template and configuration (e.g. after a local checkpoint directory changed)."""
     _template.cache_clear()
+    _family.cache_clear()
 
 
 # ---------------------------------------------------------------------------------------- split models
@@ -316,7 +330,8 @@ class VisionSplitModel(SplitModel):
     ``smash`` takes ``{"x": images}`` and returns ``{"z": activation}``; ``head`` returns
     ``(B, num_classes)`` logits. ``library_model`` is the unsplit model whose modules both segments
     share (kept out of the module tree, so state dicts stay split). ``client_batchnorm`` is one of
-    :data:`CLIENT_BATCHNORM_MODES`.
+    :data:`CLIENT_BATCHNORM_MODES`; frozen client BatchNorm layers keep eval mode through ``train()`` on
+    the split model or its client segment (``library_model.train()`` bypasses that).
     """
 
     library_model: PreTrainedModel
@@ -444,14 +459,15 @@ def build_vision_split_model(
     checked against the configuration before any weights are read.
     """
     _check_client_batchnorm(client_batchnorm)
-    config = vision_config(name_or_path)
-    if config.model_type not in VISION_SPLIT_FAMILIES:
-        raise ValueError(_unsupported(config.model_type))
-    cut = default_vision_cut(config) if cut_layer is None else cut_layer
-    _check_cut(config, cut)
+    model_type, num_blocks, default_cut = _family(name_or_path)
+    if model_type not in VISION_SPLIT_FAMILIES:
+        raise ValueError(_unsupported(model_type))
+    cut = default_cut if cut_layer is None else cut_layer
+    if not 1 <= cut < num_blocks:
+        raise ValueError(_cut_error(cut, model_type, num_blocks))
     unsplit = vision_library_model(name_or_path, num_classes, seed, lora)
     model = split_vision_model(unsplit, cut, client_batchnorm)
     if lora is not None and not trainable_parameters(model.client):
-        targets = _vision_lora(lora, config.model_type).targets
+        targets = _vision_lora(lora, model_type).targets
         raise ValueError(f"LoRA targets {list(targets)} match no module of the client segment (cut-layer {cut})")
     return model.eval()
