@@ -1,23 +1,32 @@
 """Loading Hugging Face models (named tiny configurations or ``from_pretrained``), LoRA, and the model cache.
 
 Per-process cache: :func:`library_model` keeps one *template* per ``(name_or_path, task, num_classes,
-seed, lora)`` (an ``lru_cache`` of the last few) and hands out fresh deep copies of it in which every
+seed, lora, vocab_size)`` (an ``lru_cache`` of the last few) and hands out fresh deep copies of it in which every
 frozen parameter is shared with the template instead of copied. With LoRA the frozen base weights
 are therefore loaded once per process and never copied per model or per message; only the trainable
 tensors (LoRA adapters, the classification head) are fresh. Frozen tensors must never be modified in
 place. A local directory is cached by its path: call :func:`clear_model_cache` after changing it.
+
+Loading is quiet: transformers' own load reports, warnings and progress bars are silenced for the
+duration of a load, and each loaded template is logged in one line on the ``hosfl_flower`` logger
+(INFO): what was loaded and which parameters were newly initialised.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import logging
+import warnings
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers.utils import logging as transformers_logging
 
 from ...zo.directions import trainable_parameters
 from .configs import TINY_CONFIGS, tiny_config
@@ -30,12 +39,17 @@ DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "qwen2": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
     "gemma": ("q_proj", "v_proj"),
+    "gemma3_text": ("q_proj", "v_proj"),
+    "qwen3": ("q_proj", "v_proj"),
+    "phi3": ("qkv_proj",),
+    "gpt_neox": ("query_key_value",),
     "bert": ("query", "value"),
     "roberta": ("query", "value"),
+    "distilbert": ("q_lin", "v_lin"),
 }
 """LoRA target module names per ``model_type`` when :class:`LoraSettings` names none."""
 
-CLASSIFIER_HEADS = ("score", "classifier")
+CLASSIFIER_HEADS = ("score", "pre_classifier", "classifier")
 """Task-model attributes holding a new classification head (trainable even with LoRA, as in PEFT)."""
 
 
@@ -81,27 +95,79 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, task: str) -> PreTrai
     return model
 
 
-def load_library_model(name_or_path: str, task: str, num_classes: int) -> PreTrainedModel:
-    """The unsplit float32 task model: a named tiny configuration (``from_config``) or ``from_pretrained``."""
+LOG = logging.getLogger("hosfl_flower")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' log messages (load reports), progress bars and Python warnings for a while."""
+    verbosity = transformers_logging.get_verbosity()
+    progress_bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", module=r"transformers(\.|$)")
+            yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if progress_bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _names(keys: Collection[str]) -> str:
+    return ", ".join(sorted(keys)) or "none"
+
+
+def _check_vocab_size(model: PreTrainedModel, name_or_path: str, vocab_size: int | None) -> None:
+    """A vocabulary size only overrides tiny configurations; for a checkpoint it must match."""
+    actual = model.config.get_text_config().vocab_size
+    if vocab_size is not None and vocab_size != actual:
+        raise ValueError(
+            f"vocab_size={vocab_size} only overrides tiny configurations; {name_or_path} has a vocabulary of {actual}"
+        )
+
+
+def load_library_model(name_or_path: str, task: str, num_classes: int, vocab_size: int | None = None) -> PreTrainedModel:
+    """The unsplit float32 task model: a named tiny configuration (``from_config``) or ``from_pretrained``.
+
+    ``vocab_size`` sets a tiny configuration's vocabulary; a checkpoint's must equal it (or it is ``None``).
+    Logs one line on the ``hosfl_flower`` logger; transformers itself stays quiet.
+    """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    if task != "classification":
-        if name_or_path in TINY_CONFIGS:
-            return AutoModelForCausalLM.from_config(tiny_config(name_or_path), dtype=torch.float32)
-        return AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32)
+    auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     if name_or_path in TINY_CONFIGS:
-        config = tiny_config(name_or_path)
-        config.num_labels = num_classes
-        return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
-    return AutoModelForSequenceClassification.from_pretrained(name_or_path, dtype=torch.float32, num_labels=num_classes)
+        config = tiny_config(name_or_path, vocab_size)
+        if task == "classification":
+            config.num_labels = num_classes
+        model = auto.from_config(config, dtype=torch.float32)
+        LOG.info("built %s (%s) from its tiny configuration, %d tokens", name_or_path, type(model).__name__, config.vocab_size)
+        return model
+    options = {"num_labels": num_classes} if task == "classification" else {}
+    with quiet_transformers():
+        loaded = auto.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True, **options)
+    model, info = cast(tuple[PreTrainedModel, dict[str, set[str]]], loaded)
+    _check_vocab_size(model, name_or_path, vocab_size)
+    unused = f"; unused from the checkpoint: {_names(info['unexpected_keys'])}" if info["unexpected_keys"] else ""
+    LOG.info(
+        "loaded checkpoint %s (%s); newly initialised: %s%s",
+        name_or_path,
+        type(model).__name__,
+        _names(info["missing_keys"]),
+        unused,
+    )
+    return model
 
 
 @lru_cache(maxsize=4)
-def _template(name_or_path: str, task: str, num_classes: int, seed: int, lora: LoraSettings | None) -> PreTrainedModel:
+def _template(
+    name_or_path: str, task: str, num_classes: int, seed: int, lora: LoraSettings | None, vocab_size: int | None
+) -> PreTrainedModel:
     """The cached model every :func:`library_model` call copies (never handed out itself)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = load_library_model(name_or_path, task, num_classes)
+        model = load_library_model(name_or_path, task, num_classes, vocab_size)
         if lora is not None:
             apply_lora(model, lora, task)
     return model.eval()
@@ -113,14 +179,20 @@ def library_model(
     num_classes: int = 2,
     seed: int = 0,
     lora: LoraSettings | None = None,
+    *,
+    vocab_size: int | None = None,
 ) -> PreTrainedModel:
     """A fresh unsplit task model from the per-process cache (frozen weights shared, trainable ones copied).
 
     Initial weights depend on ``seed`` alone (the classification head and LoRA adapters of a
-    pretrained model included). ``num_classes`` only matters for ``classification``.
+    pretrained model included). ``num_classes`` only matters for ``classification``. ``vocab_size``
+    widens (or narrows) a tiny configuration's vocabulary; for a checkpoint it must match its own.
     """
     key_classes = num_classes if task == "classification" else 0
-    template = _template(name_or_path, task, key_classes, seed, lora)
+    tiny = name_or_path in TINY_CONFIGS
+    template = _template(name_or_path, task, key_classes, seed, lora, vocab_size if tiny else None)
+    if not tiny:
+        _check_vocab_size(template, name_or_path, vocab_size)
     shared = {id(p): p for p in template.parameters() if not p.requires_grad}
     return copy.deepcopy(template, shared)
 
@@ -138,15 +210,18 @@ def build_hf_split_model(
     seed: int = 0,
     lora: LoraSettings | None = None,
     verbalizer_ids: Sequence[int] | None = None,
+    *,
+    vocab_size: int | None = None,
 ) -> HFSplitModel:
     """A split Hugging Face model in eval mode, cheap to rebuild (see :func:`library_model`).
 
     ``name_or_path``: a key of :data:`TINY_CONFIGS`, a hub name or a local directory.
     ``verbalizer`` needs ``verbalizer_ids`` (one token id per class, ``num_classes`` of them).
+    ``vocab_size`` sets a tiny configuration's vocabulary (a checkpoint's must match it).
     """
     if task == "verbalizer" and len(verbalizer_ids or ()) != num_classes:
         raise ValueError(f"a verbalizer task with {num_classes} classes needs {num_classes} verbalizer ids, got {verbalizer_ids}")
-    unsplit = library_model(name_or_path, task, num_classes, seed, lora)
+    unsplit = library_model(name_or_path, task, num_classes, seed, lora, vocab_size=vocab_size)
     model = split_library_model(unsplit, cut_layer, task, verbalizer_ids)
     if lora is not None and not trainable_parameters(model.client):
         targets = lora.targets or DEFAULT_LORA_TARGETS[model.config.model_type]

@@ -5,12 +5,23 @@ task model, optionally with ``peft`` LoRA adapters) and replays that model's own
 cut in two: the client runs the embeddings and the first ``cut_layer`` blocks, the server the
 remaining blocks, the final norm and the task head. Masks and rotary embeddings are built with the
 library's own utilities on each side from the companions that travel with ``z``.
+
+Two generic splitters cover most families, reading the layout from the model's module tree:
+:class:`RotaryDecoderSplit` (decoders built from a list of layers with the library's rotary embedding
+and mask functions: Llama, SmolLM, Qwen2/3, Mistral, Phi-3, Gemma, GPT-NeoX/Pythia) and
+:class:`EncoderSplit` (BERT-style encoders). GPT-2 and OPT (learned positions), Gemma-3 (bidirectional
+option, logit soft-capping) and DistilBERT (its classification head) add what their model forward does
+beyond that. Only the model types whose forward has been checked against the generic replay are accepted
+(:data:`SPLIT_FAMILIES`): a family can match a layout yet scale embeddings or logits in its model forward.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -123,15 +134,19 @@ class HFSplitModel(SplitModel):
         """Decoder classification: score every position, keep the last non-padding one."""
         return _select_rows(self.server.score(hidden), last_token_index(attention_mask))
 
+    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on the last hidden states, as the library's ``*ForCausalLM`` applies it."""
+        return self.server.lm_head(hidden)
+
     # ------------------------------------------------------------------ SplitModel
     def head(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
         hidden = self._trunk(smashed)
         if self.task == "classification":
             return self._classify(hidden, smashed["attention_mask"])
         if self.task == "causal-lm":
-            return self.server.lm_head(hidden)
+            return self._lm_logits(hidden)
         last = _select_rows(hidden, last_token_index(smashed["attention_mask"]))
-        return self.server.lm_head(last)[:, self.verbalizer_ids]
+        return self._lm_logits(last)[:, self.verbalizer_ids]
 
     def count_correct(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
         """Classification: per example; ``causal-lm``: next-token predictions at non-ignored positions."""
@@ -149,7 +164,10 @@ class HFSplitModel(SplitModel):
 
 
 def _untied_lm_head(model: PreTrainedModel) -> nn.Module:
-    """The LM head; a trainable head tied to the input embedding gets its own weight (the server's)."""
+    """The LM head; a trainable head tied to the input embedding gets its own weight (the server's).
+
+    A frozen tied head (LoRA) stays shared with the client's embedding: neither side changes it.
+    """
     lm_head = model.get_output_embeddings()
     embeddings = model.get_input_embeddings()
     weight = cast(nn.Parameter, lm_head.weight)
@@ -259,39 +277,122 @@ class OPTSplit(HFSplitModel):
         return hidden
 
 
-_MASK_BUILDERS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+MaskFunction = Callable[..., Any]
+
+_MASK_BUILDERS: dict[str, MaskFunction] = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
 
 
-def _attention_types(config: PretrainedConfig) -> list[str]:
-    """Each layer's mask kind, as the family's model forward chooses it."""
-    if config.model_type == "qwen2":
+def _declares(config: PretrainedConfig, field: str) -> bool:
+    """Whether the config class declares ``field`` (a stray key from a hub file does not count)."""
+    if dataclasses.is_dataclass(config):
+        return field in {f.name for f in dataclasses.fields(config)}
+    return hasattr(config, field)
+
+
+def attention_kinds(config: PretrainedConfig) -> list[str]:
+    """Each layer's mask kind (``full_attention`` or ``sliding_attention``), as the library's decoders choose it.
+
+    ``config.layer_types`` where the family declares it (Qwen2/3, Gemma-3); otherwise sliding-window
+    attention in every layer when the family declares a ``sliding_window`` and it is set (Mistral,
+    Phi-3), else causal attention in every layer.
+    """
+    if _declares(config, "layer_types") and config.layer_types is not None:
         return list(config.layer_types)
-    if config.model_type == "mistral" and config.sliding_window is not None:
+    if _declares(config, "sliding_window") and config.sliding_window is not None:
         return ["sliding_attention"] * config.num_hidden_layers
     return ["full_attention"] * config.num_hidden_layers
 
 
-class LlamaLayoutSplit(HFSplitModel):
-    """Decoders laid out as ``model.embed_tokens`` / ``model.layers`` / ``model.norm`` / ``model.rotary_emb``
-    (Llama, Qwen2, Mistral, Gemma): positions ``0..T-1``, rotary embeddings rebuilt on each side by the
-    model's own rotary module, causal or sliding-window masks per layer. Gemma's embedding scaling
-    lives in its ``embed_tokens`` module."""
+@dataclass(frozen=True)
+class RotaryDecoderLayout:
+    """Attribute names of a rotary decoder's base model (the split segments use the same names)."""
+
+    embedding: str
+    """The token embedding (``embed_tokens``, GPT-NeoX ``embed_in``)."""
+    embedding_dropout: str | None
+    """Dropout after the embedding (GPT-NeoX ``emb_dropout``), if the model has one."""
+    norm: str
+    """The final norm (``norm``, GPT-NeoX ``final_layer_norm``)."""
+    rotary_takes_layer_type: bool
+    """Whether ``rotary_emb`` takes a layer type (one rotary embedding per kind, Gemma-3)."""
+
+    @classmethod
+    def of(cls, model: PreTrainedModel) -> RotaryDecoderLayout:
+        """Read the layout from ``model.base_model``: ``layers`` (a ``ModuleList``), ``rotary_emb``, the
+        input embedding, at most one dropout and exactly one other module, the final norm."""
+        base: Any = model.base_model
+        children = dict(base.named_children())
+        embedding = [name for name, module in children.items() if module is base.get_input_embeddings()]
+        others = [name for name in children if name not in {*embedding, "layers", "rotary_emb"}]
+        dropouts = [name for name in others if isinstance(children[name], nn.Dropout)]
+        norms = [name for name in others if name not in dropouts]
+        rotary = children.get("rotary_emb")
+        if (
+            len(embedding) != 1
+            or not isinstance(children.get("layers"), nn.ModuleList)
+            or rotary is None
+            or len(dropouts) > 1
+            or len(norms) != 1
+        ):
+            raise ValueError(
+                f"{model.config.model_type} ({type(model).__name__}) is not laid out as an embedding, `layers`, "
+                f"a final norm and `rotary_emb`: its base model has {', '.join(children)}"
+            )
+        return cls(
+            embedding=embedding[0],
+            embedding_dropout=dropouts[0] if dropouts else None,
+            norm=norms[0],
+            rotary_takes_layer_type="layer_type" in inspect.signature(rotary.forward).parameters,
+        )
+
+
+class RotaryDecoderSplit(HFSplitModel):
+    """Decoders built from a list of layers with the library's rotary embedding and mask functions
+    (Llama and SmolLM, Qwen2/3, Mistral, Phi-3, Gemma, GPT-NeoX/Pythia).
+
+    The layout is read from the base model (:class:`RotaryDecoderLayout`). Positions are ``0..T-1``;
+    each side rebuilds the rotary embeddings with the model's own ``rotary_emb`` (one per layer type when
+    it takes one) and the causal or sliding-window masks of its layers (:func:`attention_kinds`).
+    Embedding scaling (Gemma) lives in the embedding module.
+    """
+
+    layout: RotaryDecoderLayout
+
+    def __init__(
+        self, library_model: PreTrainedModel, cut_layer: int, task: str, verbalizer_ids: Sequence[int] | None = None
+    ) -> None:
+        kinds = attention_kinds(library_model.config)
+        unknown = sorted(set(kinds) - set(_MASK_BUILDERS))
+        if unknown:
+            raise ValueError(
+                f"{library_model.config.model_type} has layer types {unknown}; splittable: {', '.join(_MASK_BUILDERS)}"
+            )
+        super().__init__(library_model, cut_layer, task, verbalizer_ids)
+        self.attention_types = kinds
 
     @staticmethod
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
-        return model.model.layers
-
-    @property
-    def attention_types(self) -> list[str]:
-        """Each layer's mask kind (``full_attention`` or ``sliding_attention``)."""
-        return _attention_types(self.config)
+        RotaryDecoderLayout.of(model)  # a model of another layout fails here, in one line
+        return cast(nn.ModuleList, model.base_model.layers)
 
     def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
-        base = model.model
-        client = {"embed_tokens": base.embed_tokens, "rotary_emb": base.rotary_emb}
+        base: Any = model.base_model
+        layout = self.layout = RotaryDecoderLayout.of(model)
+        client: Modules = {layout.embedding: getattr(base, layout.embedding)}
+        if layout.embedding_dropout is not None:
+            client[layout.embedding_dropout] = getattr(base, layout.embedding_dropout)
+        client["rotary_emb"] = base.rotary_emb
         client["layers"] = nn.ModuleList(base.layers[:cut_layer])
-        server = {"rotary_emb": base.rotary_emb, "layers": nn.ModuleList(base.layers[cut_layer:]), "norm": base.norm}
+        server: Modules = {"rotary_emb": base.rotary_emb, "layers": nn.ModuleList(base.layers[cut_layer:])}
+        server[layout.norm] = getattr(base, layout.norm)
         return client, server
+
+    def _mask_kwargs(self, kind: str) -> dict[str, Any]:
+        """Extra arguments of the mask function for layers of ``kind`` (none for most families)."""
+        return {}
 
     def _run_layers(
         self,
@@ -309,26 +410,26 @@ class LlamaLayoutSplit(HFSplitModel):
             "past_key_values": None,
             "position_ids": position_ids,
         }
-        masks = {kind: _MASK_BUILDERS[kind](**mask_kwargs) for kind in sorted(set(kinds))}
-        position_embeddings = rotary_emb(hidden, position_ids=position_ids)
+        masks = {kind: _MASK_BUILDERS[kind](**mask_kwargs, **self._mask_kwargs(kind)) for kind in sorted(set(kinds))}
+        if self.layout.rotary_takes_layer_type:
+            rotary = {kind: rotary_emb(hidden, position_ids, layer_type=kind) for kind in sorted(set(kinds))}
+        else:
+            shared = rotary_emb(hidden, position_ids=position_ids)
+            rotary = dict.fromkeys(kinds, shared)
         for layer, kind in zip(layers, kinds):
-            hidden = layer(
-                hidden,
-                attention_mask=masks[kind],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=None,
-                use_cache=False,
-            )
+            hidden = layer(hidden, attention_mask=masks[kind], position_embeddings=rotary[kind], position_ids=position_ids)
         return hidden
 
     def smash(self, inputs: Inputs) -> Smashed:
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        hidden = self.client[self.layout.embedding](input_ids)
+        if self.layout.embedding_dropout is not None:
+            hidden = self.client[self.layout.embedding_dropout](hidden)
         z = self._run_layers(
             self.client.layers,
             self.attention_types[: self.cut_layer],
-            self.client.embed_tokens(input_ids),
+            hidden,
             attention_mask,
             position_ids,
             self.client.rotary_emb,
@@ -344,33 +445,76 @@ class LlamaLayoutSplit(HFSplitModel):
             smashed["position_ids"],
             self.server.rotary_emb,
         )
-        return self.server.norm(hidden)
+        return self.server[self.layout.norm](hidden)
 
 
-class BertLayoutSplit(HFSplitModel):
-    """Encoders laid out as ``embeddings`` / ``encoder.layer`` (BERT, RoBERTa): word, position and
-    token-type embeddings (RoBERTa numbers positions from the pad id), bidirectional padding mask, and
+def _attend_everywhere(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> torch.Tensor:
+    """Mask function: every position attends to every other one."""
+    return torch.tensor(True, dtype=torch.bool)
+
+
+def _within_window(window: int) -> MaskFunction:
+    """Mask function: positions closer than ``window`` attend to each other, in both directions."""
+
+    def within(batch_idx: Any, head_idx: Any, q_idx: Any, kv_idx: Any) -> Any:
+        return abs(q_idx - kv_idx) < window
+
+    return within
+
+
+class Gemma3TextSplit(RotaryDecoderSplit):
+    """Gemma-3 text (``gemma3_text``): the rotary decoder with per-layer-type rotary embeddings and, as
+    its model forward does, masks widened to both directions when ``use_bidirectional_attention`` is set,
+    and LM logits soft-capped by ``final_logit_softcapping`` when it is set."""
+
+    def _mask_kwargs(self, kind: str) -> dict[str, Any]:
+        if not self.config.use_bidirectional_attention:
+            return {}
+        if kind == "sliding_attention":
+            return {"or_mask_function": _within_window(self.config.sliding_window)}
+        return {"or_mask_function": _attend_everywhere}
+
+    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.server.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is None:
+            return logits
+        return torch.tanh(logits / cap) * cap
+
+
+class EncoderSplit(HFSplitModel):
+    """Encoders with an ``embeddings`` module and one stack of ``layer`` blocks (BERT and RoBERTa:
+    ``encoder.layer``; DistilBERT: ``transformer.layer``): the family's embeddings (``token_type_ids``
+    read from the inputs when present and the embeddings take them), a bidirectional padding mask, and
     the library's classification head (BERT: pooler, dropout, classifier; RoBERTa: ``<s>`` head).
-    ``token_type_ids`` are read from the inputs when present. Classification only."""
+    Classification only."""
 
     supported_tasks = ("classification",)
 
     def __init__(
         self, library_model: PreTrainedModel, cut_layer: int, task: str, verbalizer_ids: Sequence[int] | None = None
     ) -> None:
-        if library_model.config.is_decoder:
-            raise ValueError("a BERT-layout model configured as a decoder cannot be split as an encoder")
+        if getattr(library_model.config, "is_decoder", False):
+            raise ValueError(f"a {library_model.config.model_type} model configured as a decoder cannot be split as an encoder")
         super().__init__(library_model, cut_layer, task, verbalizer_ids)
+        self.embeddings_take_token_types = "token_type_ids" in inspect.signature(self.client.embeddings.forward).parameters
 
     @staticmethod
     def _blocks(model: PreTrainedModel) -> nn.ModuleList:
-        base: Any = model.base_model
-        return base.encoder.layer
+        base = model.base_model
+        stacks = [m.layer for _, m in base.named_children() if isinstance(getattr(m, "layer", None), nn.ModuleList)]
+        if len(stacks) != 1 or not isinstance(getattr(base, "embeddings", None), nn.Module):
+            children = ", ".join(name for name, _ in base.named_children())
+            raise ValueError(
+                f"{model.config.model_type} ({type(model).__name__}) is not laid out as `embeddings` and one stack "
+                f"of `layer` blocks: its base model has {children}"
+            )
+        return cast(nn.ModuleList, stacks[0])
 
     def _segments(self, model: PreTrainedModel, cut_layer: int) -> tuple[Modules, Modules]:
-        base: Any = model.base_model
-        client = {"embeddings": base.embeddings, "layer": nn.ModuleList(base.encoder.layer[:cut_layer])}
-        return client, {"layer": nn.ModuleList(base.encoder.layer[cut_layer:])}
+        base, blocks = model.base_model, self._blocks(model)
+        client = {"embeddings": cast(nn.Module, base.embeddings), "layer": nn.ModuleList(blocks[:cut_layer])}
+        return client, {"layer": nn.ModuleList(blocks[cut_layer:])}
 
     def _classifier_modules(self, model: PreTrainedModel) -> Modules:
         heads: Any = model  # BERT/RoBERTa task models: their head modules are reached by attribute
@@ -381,12 +525,13 @@ class BertLayoutSplit(HFSplitModel):
     def _run_layers(self, layers: nn.ModuleList, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
         for layer in layers:
-            hidden = layer(hidden, mask, None, encoder_attention_mask=None, past_key_values=None)
+            hidden = layer(hidden, attention_mask=mask)
         return hidden
 
     def smash(self, inputs: Inputs) -> Smashed:
         attention_mask = inputs["attention_mask"]
-        hidden = self.client.embeddings(input_ids=inputs["input_ids"], token_type_ids=inputs.get("token_type_ids"))
+        token_types = {"token_type_ids": inputs.get("token_type_ids")} if self.embeddings_take_token_types else {}
+        hidden = self.client.embeddings(input_ids=inputs["input_ids"], **token_types)
         return {"z": self._run_layers(self.client.layer, hidden, attention_mask), "attention_mask": attention_mask}
 
     def _trunk(self, smashed: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -398,17 +543,36 @@ class BertLayoutSplit(HFSplitModel):
         return self.server.classifier(hidden)
 
 
+class DistilBertSplit(EncoderSplit):
+    """DistilBERT: the encoder split with DistilBERT's head (first token, ``pre_classifier``, ReLU,
+    dropout, ``classifier``)."""
+
+    def _classifier_modules(self, model: PreTrainedModel) -> Modules:
+        heads: Any = model
+        return {"pre_classifier": heads.pre_classifier, "dropout": heads.dropout, "classifier": heads.classifier}
+
+    def _classify(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(self.server.pre_classifier(hidden[:, 0]))
+        return self.server.classifier(self.server.dropout(pooled))
+
+
 SPLIT_FAMILIES: dict[str, type[HFSplitModel]] = {
     "gpt2": GPT2Split,
     "opt": OPTSplit,
-    "llama": LlamaLayoutSplit,
-    "qwen2": LlamaLayoutSplit,
-    "mistral": LlamaLayoutSplit,
-    "gemma": LlamaLayoutSplit,
-    "bert": BertLayoutSplit,
-    "roberta": BertLayoutSplit,
+    "llama": RotaryDecoderSplit,
+    "qwen2": RotaryDecoderSplit,
+    "qwen3": RotaryDecoderSplit,
+    "mistral": RotaryDecoderSplit,
+    "phi3": RotaryDecoderSplit,
+    "gemma": RotaryDecoderSplit,
+    "gpt_neox": RotaryDecoderSplit,
+    "gemma3_text": Gemma3TextSplit,
+    "bert": EncoderSplit,
+    "roberta": EncoderSplit,
+    "distilbert": DistilBertSplit,
 }
-"""The split class of each supported ``config.model_type``."""
+"""The split class of each supported ``config.model_type``: the types whose model forward the split
+replays exactly (a new family with a matching layout needs its entry here, a tiny config and the tests)."""
 
 
 def split_library_model(
