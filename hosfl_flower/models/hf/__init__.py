@@ -23,6 +23,7 @@ from .split import (
     RotaryDecoderSplit,
     attention_kinds,
     last_token_index,
+    split_class,
     split_library_model,
 )
 
@@ -45,6 +46,7 @@ __all__ = [
     "library_model",
     "load_library_model",
     "quiet_transformers",
+    "split_class",
     "split_library_model",
     "tiny_config",
 ]

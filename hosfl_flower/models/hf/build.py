@@ -21,16 +21,22 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import cast
+from typing import Any, cast
 
 import torch
 from peft import LoraConfig, inject_adapter_in_model
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 from transformers.utils import logging as transformers_logging
 
 from ...zo.directions import trainable_parameters
 from .configs import TINY_CONFIGS, tiny_config
-from .split import TASKS, HFSplitModel, split_library_model
+from .split import TASKS, HFSplitModel, split_class, split_library_model
 
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt2": ("c_attn",),
@@ -119,9 +125,9 @@ def _names(keys: Collection[str]) -> str:
     return ", ".join(sorted(keys)) or "none"
 
 
-def _check_vocab_size(model: PreTrainedModel, name_or_path: str, vocab_size: int | None) -> None:
+def _check_vocab_size(config: PretrainedConfig, name_or_path: str, vocab_size: int | None) -> None:
     """A vocabulary size only overrides tiny configurations; for a checkpoint it must match."""
-    actual = model.config.get_text_config().vocab_size
+    actual = config.get_text_config().vocab_size
     if vocab_size is not None and vocab_size != actual:
         raise ValueError(
             f"vocab_size={vocab_size} only overrides tiny configurations; {name_or_path} has a vocabulary of {actual}"
@@ -132,29 +138,45 @@ def load_library_model(name_or_path: str, task: str, num_classes: int, vocab_siz
     """The unsplit float32 task model: a named tiny configuration (``from_config``) or ``from_pretrained``.
 
     ``vocab_size`` sets a tiny configuration's vocabulary; a checkpoint's must equal it (or it is ``None``).
-    Logs one line on the ``hosfl_flower`` logger; transformers itself stays quiet.
+    A model type that cannot be split, or not for ``task``, is refused (in one line) before any weights
+    are read. A checkpoint's classification head of another number of classes is newly initialised; any
+    other tensor of another shape is refused. Logs one line on the ``hosfl_flower`` logger (what was
+    loaded, what was newly initialised); transformers itself stays quiet.
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
     auto = AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
     if name_or_path in TINY_CONFIGS:
         config = tiny_config(name_or_path, vocab_size)
+        split_class(config.model_type).check_task(task, config.model_type)
         if task == "classification":
             config.num_labels = num_classes
         model = auto.from_config(config, dtype=torch.float32)
         LOG.info("built %s (%s) from its tiny configuration, %d tokens", name_or_path, type(model).__name__, config.vocab_size)
         return model
+    with quiet_transformers():
+        config = AutoConfig.from_pretrained(name_or_path)
+    split_class(config.model_type).check_task(task, config.model_type)
+    _check_vocab_size(config, name_or_path, vocab_size)
     options = {"num_labels": num_classes} if task == "classification" else {}
     with quiet_transformers():
-        loaded = auto.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True, **options)
-    model, info = cast(tuple[PreTrainedModel, dict[str, set[str]]], loaded)
-    _check_vocab_size(model, name_or_path, vocab_size)
+        loaded = auto.from_pretrained(
+            name_or_path, dtype=torch.float32, output_loading_info=True, ignore_mismatched_sizes=True, **options
+        )
+    model, info = cast(tuple[PreTrainedModel, dict[str, set[Any]]], loaded)
+    checkpoint_shapes = {key: tuple(shape) for key, shape, _ in info["mismatched_keys"]}
+    head_prefixes = tuple(f"{head}." for head in CLASSIFIER_HEADS) if task == "classification" else ()
+    misfits = sorted(key for key in checkpoint_shapes if not key.startswith(head_prefixes))
+    if misfits:
+        shapes = ", ".join(f"{key} {checkpoint_shapes[key]}" for key in misfits)
+        raise ValueError(f"{name_or_path} does not fit {type(model).__name__}: the checkpoint's {shapes} differ in shape")
+    reshaped = [f"{key} (checkpoint shape {checkpoint_shapes[key]})" for key in sorted(checkpoint_shapes)]
     unused = f"; unused from the checkpoint: {_names(info['unexpected_keys'])}" if info["unexpected_keys"] else ""
     LOG.info(
         "loaded checkpoint %s (%s); newly initialised: %s%s",
         name_or_path,
         type(model).__name__,
-        _names(info["missing_keys"]),
+        _names([*info["missing_keys"], *reshaped]),
         unused,
     )
     return model
@@ -192,7 +214,7 @@ def library_model(
     tiny = name_or_path in TINY_CONFIGS
     template = _template(name_or_path, task, key_classes, seed, lora, vocab_size if tiny else None)
     if not tiny:
-        _check_vocab_size(template, name_or_path, vocab_size)
+        _check_vocab_size(template.config, name_or_path, vocab_size)
     shared = {id(p): p for p in template.parameters() if not p.requires_grad}
     return copy.deepcopy(template, shared)
 

@@ -82,9 +82,7 @@ class HFSplitModel(SplitModel):
     ) -> None:
         super().__init__()
         config = library_model.config
-        if task not in self.supported_tasks:
-            allowed = ", ".join(self.supported_tasks)
-            raise ValueError(f"task {task!r} is not available for {config.model_type}; allowed: {allowed}")
+        self.check_task(task, config.model_type)
         num_layers = len(self._blocks(library_model))
         if not 1 <= cut_layer < num_layers:
             raise ValueError(
@@ -111,6 +109,13 @@ class HFSplitModel(SplitModel):
         self.register_buffer("verbalizer_ids", ids, persistent=False)
         self.client = nn.ModuleDict(client)
         self.server = nn.ModuleDict(server)
+
+    @classmethod
+    def check_task(cls, task: str, model_type: str) -> None:
+        """Raise a one-line ``ValueError`` unless the family splits for ``task``."""
+        if task not in cls.supported_tasks:
+            allowed = ", ".join(cls.supported_tasks)
+            raise ValueError(f"task {task!r} is not available for {model_type}; allowed: {allowed}")
 
     # ------------------------------------------------------------------ family hooks
     @staticmethod
@@ -575,11 +580,19 @@ SPLIT_FAMILIES: dict[str, type[HFSplitModel]] = {
 replays exactly (a new family with a matching layout needs its entry here, a tiny config and the tests)."""
 
 
+def split_class(model_type: str) -> type[HFSplitModel]:
+    """The split class of ``model_type``; a one-line ``ValueError`` naming the supported types otherwise."""
+    if model_type not in SPLIT_FAMILIES:
+        raise ValueError(f"cannot split {model_type!r} models; supported: {', '.join(sorted(SPLIT_FAMILIES))}")
+    return SPLIT_FAMILIES[model_type]
+
+
 def split_library_model(
     library_model: PreTrainedModel, cut_layer: int, task: str, verbalizer_ids: Sequence[int] | None = None
 ) -> HFSplitModel:
-    """Cut a library task model (``*ForSequenceClassification`` or ``*ForCausalLM``) after block ``cut_layer``."""
-    model_type = library_model.config.model_type
-    if model_type not in SPLIT_FAMILIES:
-        raise ValueError(f"cannot split {model_type!r} models; supported: {', '.join(sorted(SPLIT_FAMILIES))}")
-    return SPLIT_FAMILIES[model_type](library_model, cut_layer, task, verbalizer_ids)
+    """Cut a library task model (``*ForSequenceClassification`` or ``*ForCausalLM``) after block ``cut_layer``.
+
+    The family is the configuration class's ``model_type`` (a ``model_type`` key copied into another
+    family's configuration does not make it that family).
+    """
+    return split_class(type(library_model.config).model_type)(library_model, cut_layer, task, verbalizer_ids)
