@@ -14,6 +14,7 @@ from hosfl_flower.data.text import (
     text_examples,
 )
 from hosfl_flower.models.hf import (
+    DEFAULT_LORA_TARGETS,
     TINY_CONFIGS,
     TINY_VOCAB_SIZE,
     LoraSettings,
@@ -24,8 +25,25 @@ from hosfl_flower.models.hf import (
 )
 from hosfl_flower.zo.directions import trainable_names
 
-FAMILIES = ["tiny-gpt2", "tiny-opt", "tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-gemma", "tiny-bert", "tiny-roberta"]
-DECODERS = [name for name in FAMILIES if "bert" not in name]
+FAMILIES = [
+    "tiny-gpt2",
+    "tiny-opt",
+    "tiny-llama",
+    "tiny-smollm",
+    "tiny-qwen2",
+    "tiny-qwen3",
+    "tiny-mistral",
+    "tiny-phi3",
+    "tiny-gemma",
+    "tiny-gemma3",
+    "tiny-pythia",
+    "tiny-bert",
+    "tiny-roberta",
+    "tiny-distilbert",
+]
+ENCODERS = ["tiny-bert", "tiny-roberta", "tiny-distilbert"]
+DECODERS = [name for name in FAMILIES if name not in ENCODERS]
+CLASSIFIER_PREFIXES = ("score.", "pre_classifier.", "classifier.")
 LORA = LoraSettings(rank=4, alpha=8.0)
 VERBALIZER_IDS = [5, 9, 17]
 
@@ -154,12 +172,13 @@ def test_causal_lm_loss_is_the_library_shifted_loss():
     assert torch.allclose(reference, shifted, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-gemma3", "tiny-distilbert"])
 def test_every_cut_layer_splits_exactly(name):
+    blocks = {"tiny-gpt2": "h", "tiny-distilbert": "layer"}.get(name, "layers")
     for cut in (1, 2):
         inputs = padded_batch()
         model = build(name, cut_layer=cut)
-        assert len(model.client["h" if name == "tiny-gpt2" else "layers"]) == cut
+        assert len(model.client[blocks]) == cut
         assert torch.allclose(model(inputs), unsplit_logits(model, inputs), atol=1e-5)
 
 
@@ -169,11 +188,11 @@ def test_lora_client_trains_exactly_its_lora_parameters(name):
     model = build(name, lora=LORA)
     names = trainable_names(model.client)
     lora_names = [n for n, _ in model.client.named_parameters() if "lora_" in n]
-    targets_per_block = 1 if name == "tiny-gpt2" else 2  # c_attn, or two of q/v projections (query/value)
+    targets_per_block = len(DEFAULT_LORA_TARGETS[model.config.model_type])  # c_attn, qkv_proj, or q and v
     assert names == lora_names and len(names) == 2 * targets_per_block * model.cut_layer  # lora_A and lora_B
     server = trainable_names(model.server)
-    assert server and all("lora_" in n or n.startswith(("score.", "classifier.")) for n in server)
-    assert any(n.startswith(("score.", "classifier.")) for n in server), "the new classification head must train"
+    assert server and all("lora_" in n or n.startswith(CLASSIFIER_PREFIXES) for n in server)
+    assert any(n.startswith(CLASSIFIER_PREFIXES) for n in server), "the new classification head must train"
     full = build(name)
     assert trainable_names(full.client) == [n for n, _ in full.client.named_parameters()]
 
@@ -183,7 +202,7 @@ def test_lora_targets_outside_the_client_are_refused():
         build_hf_split_model("tiny-llama", 1, lora=LoraSettings(rank=2, targets=("score",)))
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-qwen2", "tiny-bert"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-qwen2", "tiny-gemma3", "tiny-pythia", "tiny-bert", "tiny-distilbert"])
 def test_cut_layer_out_of_range_raises(name):
     for bad in (0, 3, -1):
         with pytest.raises(ValueError, match=rf"cut-layer {bad} is outside 1\.\.2"):
@@ -193,6 +212,8 @@ def test_cut_layer_out_of_range_raises(name):
 def test_unknown_names_tasks_and_bad_verbalizers_raise():
     with pytest.raises(ValueError, match="task 'causal-lm' is not available for bert"):
         build_hf_split_model("tiny-bert", 1, "causal-lm")
+    with pytest.raises(ValueError, match="task 'verbalizer' is not available for distilbert"):
+        build_hf_split_model("tiny-distilbert", 1, "verbalizer", 2, verbalizer_ids=[4, 5])
     with pytest.raises(ValueError, match="needs 2 verbalizer ids"):
         build_hf_split_model("tiny-gpt2", 1, "verbalizer", 2, verbalizer_ids=[4])
     with pytest.raises(ValueError, match="token ids in 0..127"):
