@@ -73,21 +73,33 @@ def build_split_model(
     task: str = "classification",
     lora=None,
     verbalizer_ids=None,
+    client_batchnorm: str = "frozen",
+    vocab_size: int | None = None,
 ) -> SplitModel:
     """Build a split model with initial weights determined by ``seed`` alone (every node builds the same).
 
     ``name`` is a registered family (:data:`MODEL_FAMILIES`), or else a Hugging Face model (a ``tiny-*``
-    configuration, a hub name or a local directory) split by :mod:`hosfl_flower.models.hf`, with
-    ``task``, optional ``lora`` (:class:`~hosfl_flower.models.hf.LoraSettings`) and ``verbalizer_ids``.
+    configuration, a hub name or a local directory): an image classifier (ResNet, ViT) split by
+    :mod:`hosfl_flower.models.hf.vision` with ``client_batchnorm``, or a transformer split by
+    :mod:`hosfl_flower.models.hf` with ``task``, optional ``lora``
+    (:class:`~hosfl_flower.models.hf.LoraSettings`), ``verbalizer_ids`` and, for a ``tiny-*``
+    configuration, ``vocab_size``.
     """
     if name in MODEL_FAMILIES:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = MODEL_FAMILIES[name].build(cut_layer=cut_layer, num_classes=num_classes)
         return model.eval()
-    from .hf import build_hf_split_model  # transformers is imported only for transformer runs
+    # transformers is imported only for Hugging Face runs
+    from .hf.vision import build_vision_split_model, is_vision_model
 
-    return build_hf_split_model(name, cut_layer, task, num_classes, seed, lora, verbalizer_ids)
+    if is_vision_model(name):
+        if task != "classification":
+            raise ValueError(f"task {task!r} is not available for the image classifier {name}; allowed: classification")
+        return build_vision_split_model(name, cut_layer, num_classes, seed, lora, client_batchnorm)
+    from .hf import build_hf_split_model
+
+    return build_hf_split_model(name, cut_layer, task, num_classes, seed, lora, verbalizer_ids, vocab_size=vocab_size)
 
 
 __all__ = [

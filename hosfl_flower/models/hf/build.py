@@ -24,6 +24,7 @@ from functools import lru_cache
 from typing import Any, cast
 
 import torch
+from huggingface_hub import utils as hub_utils
 from peft import LoraConfig, inject_adapter_in_model
 from transformers import (
     AutoConfig,
@@ -109,6 +110,7 @@ def quiet_transformers() -> Iterator[None]:
     """Silence transformers' log messages (load reports), progress bars and Python warnings for a while."""
     verbosity = transformers_logging.get_verbosity()
     progress_bars = transformers_logging.is_progress_bar_enabled()
+    hub_bars_disabled = hub_utils.are_progress_bars_disabled()
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     try:
@@ -119,6 +121,14 @@ def quiet_transformers() -> Iterator[None]:
         transformers_logging.set_verbosity(verbosity)
         if progress_bars:
             transformers_logging.enable_progress_bar()
+        if hub_bars_disabled:  # transformers' switch turns the hub's bars back on too
+            hub_utils.disable_progress_bars()
+
+
+def copy_sharing_frozen(template: PreTrainedModel) -> PreTrainedModel:
+    """A deep copy of ``template`` whose frozen parameters are the template's own (only trainable ones are copied)."""
+    shared = {id(p): p for p in template.parameters() if not p.requires_grad}
+    return copy.deepcopy(template, shared)
 
 
 def _names(keys: Collection[str]) -> str:
@@ -215,8 +225,7 @@ def library_model(
     template = _template(name_or_path, task, key_classes, seed, lora, vocab_size if tiny else None)
     if not tiny:
         _check_vocab_size(template.config, name_or_path, vocab_size)
-    shared = {id(p): p for p in template.parameters() if not p.requires_grad}
-    return copy.deepcopy(template, shared)
+    return copy_sharing_frozen(template)
 
 
 def clear_model_cache() -> None:

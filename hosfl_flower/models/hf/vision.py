@@ -15,16 +15,13 @@ seed, lora)`` and hands out deep copies sharing every frozen parameter with it, 
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, cast
 
 import torch
-from huggingface_hub import utils as hub_utils
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -37,11 +34,10 @@ from transformers import (
 )
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import cached_file
-from transformers.utils import logging as hf_logging
 
 from ...zo.directions import trainable_parameters
 from ..base import Inputs, Smashed, SplitModel
-from .build import LoraSettings, apply_lora
+from .build import LoraSettings, apply_lora, copy_sharing_frozen, quiet_transformers
 from .configs import TINY_CONFIGS
 
 LOG = logging.getLogger("hosfl_flower")
@@ -123,29 +119,11 @@ def _check_client_batchnorm(mode: str) -> None:
         raise ValueError(f"client_batchnorm {mode!r} is not one of {', '.join(CLIENT_BATCHNORM_MODES)}")
 
 
-@contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """Silence transformers' warnings, load reports and progress bars; restore them afterwards."""
-    verbosity = hf_logging.get_verbosity()
-    bars = hf_logging.is_progress_bar_enabled()
-    hub_bars_disabled = hub_utils.are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if hub_bars_disabled:
-            hub_utils.disable_progress_bars()
-
-
 def vision_config(name_or_path: str) -> PretrainedConfig:
     """The configuration of a tiny name, a hub name or a local directory (no weights are read)."""
     if name_or_path in VISION_TINY_CONFIGS:
         return VISION_TINY_CONFIGS[name_or_path]()
-    with _quiet_transformers():
+    with quiet_transformers():
         return AutoConfig.from_pretrained(name_or_path)
 
 
@@ -210,7 +188,7 @@ def vision_input_spec(name_or_path: str) -> VisionInputSpec:
         return VisionInputSpec(TINY_IMAGE_SIZE, config.num_channels, (0.5,) * config.num_channels, (0.5,) * config.num_channels)
     config = vision_config(name_or_path)
     num_channels = int(getattr(config, "num_channels", 3))
-    with _quiet_transformers():
+    with quiet_transformers():
         has_processor = cached_file(name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
         processor = AutoImageProcessor.from_pretrained(name_or_path) if has_processor else None
     if processor is None:
@@ -244,7 +222,7 @@ def load_vision_model(name_or_path: str, num_classes: int) -> PreTrainedModel:
         config = VISION_TINY_CONFIGS[name_or_path]()
         config.num_labels = num_classes
         return AutoModelForImageClassification.from_config(config, dtype=torch.float32)
-    with _quiet_transformers():
+    with quiet_transformers():
         model, info = AutoModelForImageClassification.from_pretrained(
             name_or_path,
             num_labels=num_classes,
@@ -285,8 +263,7 @@ def vision_library_model(name_or_path: str, num_classes: int, seed: int = 0, lor
     Initial weights (a new head, LoRA adapters, a tiny model's weights) depend on ``seed`` alone.
     """
     template = _template(name_or_path, num_classes, seed, lora)
-    shared = {id(p): p for p in template.parameters() if not p.requires_grad}
-    return copy.deepcopy(template, shared)
+    return copy_sharing_frozen(template)
 
 
 def clear_vision_model_cache() -> None:
