@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .data import PARTITIONERS
+from .data import PARTITION_OPTIONS, PartitionSpec
+from .data.sources import HELD_OUT, check_bundled_eval_split
 from .models import MODEL_FAMILIES
 from .models.base import TASKS
 from .options import ConfigError, Option
@@ -35,17 +36,32 @@ CORE_OPTIONS: dict[str, Option] = {
         minimum=0,
     ),
     "task": Option("classification", "transformer task: classification, causal-lm or verbalizer", choices=TASKS),
-    "dataset": Option("digits", "digits, sentiment (both bundled), or a Hugging Face dataset name or local path"),
+    "dataset": Option(
+        "digits",
+        "digits, sentiment (both bundled), a Hugging Face hub dataset, or a local directory (imagefolder, parquet, "
+        "CSV or JSON files, or save_to_disk output) or file",
+    ),
     "max-length": Option(24, "token length text is padded or truncated to", minimum=2),
-    "data.text-column": Option("text", "text column of a Hugging Face dataset"),
-    "data.label-column": Option("label", "label column of a Hugging Face dataset"),
-    "data.template": Option("{text}", "prompt template applied to each text"),
+    "tokenizer": Option(
+        "", "Hugging Face tokenizer (hub name or directory) of text data (empty: the model's own; sentiment: its word-level one)"
+    ),
+    "data.subset": Option("", "configuration of a hub dataset (e.g. rte of nyu-mll/glue)"),
+    "data.eval-split": Option(
+        "",
+        f"split evaluated on (empty: validation, else test, else held out; {HELD_OUT}: a test-fraction of the training "
+        "split, always for digits and sentiment)",
+    ),
+    "data.text-column": Option("text", "text column of a Hugging Face dataset (the template's {text})"),
+    "data.label-column": Option(
+        "", "label column of a Hugging Face dataset (empty: its one ClassLabel column, else one named label, labels, ...)"
+    ),
+    "data.image-column": Option("", "image column of a Hugging Face dataset (empty: its one Image column)"),
+    "data.template": Option("{text}", "prompt template applied to each text ({text}: the text column; {name}: column name)"),
     "data.label-words": Option("", "comma-separated verbalizer words, one per class (task=verbalizer)"),
     "lora.rank": Option(0, "LoRA rank on both segments of a transformer (0: no LoRA)", minimum=0),
     "lora.alpha": Option(16.0, "LoRA alpha", minimum=0.0, exclusive_minimum=True),
     "lora.targets": Option("", "comma-separated LoRA target modules (empty: the family's default)"),
-    "partitioner": Option("iid", "how training data is split across nodes", choices=PARTITIONERS),
-    "dirichlet-alpha": Option(0.3, "Dirichlet concentration for partitioner=dirichlet", minimum=0.0, exclusive_minimum=True),
+    **PARTITION_OPTIONS,
     "test-fraction": Option(
         0.2, "held-out share of the data for central evaluation", minimum=0.0, maximum=0.9, exclusive_minimum=True
     ),
@@ -154,6 +170,8 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
                 raise ConfigError("cut-layer", config["cut-layer"], f"must be within {model}'s blocks 1..{blocks - 1}")
         if config["task"] == "verbalizer" and dataset != "sentiment" and not config["data.label-words"]:
             raise ConfigError("data.label-words", "", "task=verbalizer needs one label word per class")
+    PartitionSpec.from_config(config)
+    check_bundled_eval_split(dataset, config["data.eval-split"])
     if config["min-replies"] > config["clients-per-round"]:
         raise ConfigError("min-replies", config["min-replies"], f"must be <= clients-per-round ({config['clients-per-round']})")
     if config["checkpoint-every"] or config["resume"]:

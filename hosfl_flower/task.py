@@ -13,7 +13,18 @@ from typing import Any
 
 import torch
 
-from .data import DataInfo, Examples, FederatedData, TextSpec, load_federated_data, load_train_test
+from .data import (
+    PARTITION_OPTIONS,
+    DataInfo,
+    DataOptions,
+    Examples,
+    FederatedData,
+    ImageSpec,
+    TextSpec,
+    is_image_dataset,
+    load_federated_data,
+    load_train_test,
+)
 from .models import SplitModel, build_split_model
 
 
@@ -29,19 +40,53 @@ def model_source(config: Mapping[str, Any]) -> str:
 
 
 def text_spec(config: Mapping[str, Any]) -> TextSpec | None:
-    """The tokenisation settings of a text dataset (``None`` for digits)."""
+    """The tokenisation settings of a text dataset (``None`` for digits).
+
+    The tokenizer is the ``tokenizer`` key, else the model's own source; ``sentiment`` keeps its
+    word-level tokenizer unless ``tokenizer`` names one.
+    """
     if config["dataset"] == "digits":
         return None
     words = tuple(w for w in config["data.label-words"].split(",") if w.strip())  # spaces are part of a word
+    tokenizer = config["tokenizer"] if config["dataset"] == "sentiment" else config["tokenizer"] or model_source(config)
     return TextSpec(
         task=config["task"],
         max_length=config["max-length"],
-        tokenizer=model_source(config),
+        tokenizer=tokenizer,
         text_column=config["data.text-column"],
-        label_column=config["data.label-column"],
         template=config["data.template"],
         label_words=words,
     )
+
+
+def data_options(config: Mapping[str, Any]) -> DataOptions:
+    """Where a hub or local dataset's evaluation split and columns are."""
+    return DataOptions(
+        subset=config["data.subset"],
+        eval_split=config["data.eval-split"],
+        label_column=config["data.label-column"],
+        image_column=config["data.image-column"],
+    )
+
+
+def image_spec(config: Mapping[str, Any]) -> ImageSpec | None:
+    """The model's image size, channels and normalisation for an image dataset (``None`` for other data),
+    read from the model's image processor."""
+    if not is_image_dataset(config["dataset"], data_options(config)):
+        return None
+    from .options import ConfigError
+
+    source = model_source(config)
+    try:
+        return ImageSpec.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        reason = f"gives no image settings for image dataset {config['dataset']}: {' '.join(str(error).split())}"
+        raise ConfigError("model", config["model"], reason) from error
+
+
+def partition_settings(config: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """The ``partition.*`` keys of a run config, as :func:`~hosfl_flower.data.load_federated_data` takes them."""
+    return tuple((key, config[key]) for key in PARTITION_OPTIONS if key.startswith("partition."))
 
 
 def build_model(config: Mapping[str, Any], info: DataInfo) -> SplitModel:
@@ -79,12 +124,15 @@ _CLIENT_KEYS = (
     "task",
     "seed",
     "dataset",
-    "partitioner",
-    "dirichlet-alpha",
+    *PARTITION_OPTIONS,
     "test-fraction",
     "max-length",
+    "tokenizer",
+    "data.subset",
+    "data.eval-split",
     "data.text-column",
     "data.label-column",
+    "data.image-column",
     "data.template",
     "data.label-words",
     "lora.rank",
@@ -104,6 +152,9 @@ def _client_task(items: tuple, num_partitions: int) -> ClientTask:
         config["seed"],
         config["test-fraction"],
         text_spec(config),
+        partition=partition_settings(config),
+        image=image_spec(config),
+        options=data_options(config),
     )
     model = build_model(config, data.info)
     initial = {k: v.clone() for k, v in model.client_state().items()}
@@ -122,6 +173,13 @@ def client_task(config: Mapping[str, Any], num_partitions: int) -> ClientTask:
 
 
 def server_model_and_test(config: Mapping[str, Any]) -> tuple[SplitModel, Examples]:
-    """A fresh model with the run's initial weights, and the held-out test examples."""
-    _, test, info = load_train_test(config["dataset"], config["seed"], config["test-fraction"], text_spec(config))
+    """A fresh model with the run's initial weights, and the evaluation examples."""
+    _, test, info = load_train_test(
+        config["dataset"],
+        config["seed"],
+        config["test-fraction"],
+        text_spec(config),
+        image=image_spec(config),
+        options=data_options(config),
+    )
     return build_model(config, info), test

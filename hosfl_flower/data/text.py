@@ -23,6 +23,7 @@ Tokenised datasets have the columns ``input_ids``, ``attention_mask`` (right-pad
 from __future__ import annotations
 
 import random
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,7 +34,9 @@ from datasets import ClassLabel, Dataset
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from ..options import ConfigError
 from .examples import Examples
+from .sources import count_classes
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>")
 """Ids 0, 1, 2 of the word-level tokenizer: padding, unknown word, start of text."""
@@ -131,6 +134,18 @@ def sentiment_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>")
 
 
+def template_fields(template: str) -> tuple[str, ...]:
+    """The names ``template`` formats (``{text}`` is the text column; any other name is a column of that name)."""
+    names = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is not None:
+            name = field.split(".")[0].split("[")[0]
+            if not name:
+                raise ConfigError("data.template", template, "fields must be named: {text} or a column name")
+            names.append(name)
+    return tuple(dict.fromkeys(names))
+
+
 def tokenize_dataset(
     dataset: Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -138,15 +153,22 @@ def tokenize_dataset(
     text_column: str = "text",
     label_column: str = "label",
     template: str = "{text}",
+    keep_columns: Sequence[str] = (),
 ) -> Dataset:
-    """Columns ``input_ids``, ``attention_mask`` (padded or truncated to ``max_length``) and ``label``.
+    """Columns ``input_ids``, ``attention_mask`` (padded or truncated to ``max_length``) and ``label``,
+    plus ``keep_columns`` unchanged.
 
-    ``template`` formats each text (e.g. ``"{text} It was"`` for a verbalizer prompt); truncation
-    cuts the end, so ``max_length`` must leave room for the prompt.
+    ``template`` formats each text (e.g. ``"{text} It was"`` for a verbalizer prompt; ``{text}`` is
+    ``text_column``, any other field the column of that name, e.g. ``"{premise} ? {hypothesis}"``);
+    truncation cuts the end, so ``max_length`` must leave room for the prompt.
     """
+    fields = template_fields(template)
+    sources = {field: text_column if field == "text" else field for field in fields}
 
     def encode(batch: dict) -> dict:
-        texts = [template.format(text=text) for text in batch[text_column]]
+        columns = {field: batch[source] for field, source in sources.items()}
+        rows = range(len(batch[label_column]))
+        texts = [template.format(**{field: values[i] for field, values in columns.items()}) for i in rows]
         encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length)
         return {
             "input_ids": encoded["input_ids"],
@@ -154,7 +176,18 @@ def tokenize_dataset(
             "label": batch[label_column],
         }
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+    removed = [column for column in dataset.column_names if column not in keep_columns]
+    return dataset.map(encode, batched=True, remove_columns=removed)
+
+
+def load_tokenizer(tokenizer: str | PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A Hugging Face tokenizer (a name or directory for ``AutoTokenizer.from_pretrained``, or an instance);
+    one without a pad token pads with its end-of-sequence token."""
+    if isinstance(tokenizer, str):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -191,11 +224,39 @@ class TextTask:
         return tuple(ids)
 
 
-def sentiment_task(num_examples: int = 2000, seed: int = 0, max_length: int = 24) -> TextTask:
-    """The offline sentiment task: 2 classes, verbalizer words ``bad`` / ``good`` (reviews have at most 20 tokens)."""
-    tokenizer = sentiment_tokenizer()
+def sentiment_task(
+    num_examples: int = 2000, seed: int = 0, max_length: int = 24, tokenizer: str | PreTrainedTokenizerBase | None = None
+) -> TextTask:
+    """The offline sentiment task: 2 classes, verbalizer words ``bad`` / ``good`` (reviews have at most 20 tokens
+    with the task's own word-level tokenizer, the default)."""
+    tokenizer = sentiment_tokenizer() if tokenizer is None else load_tokenizer(tokenizer)
     dataset = tokenize_dataset(sentiment_reviews(num_examples, seed), tokenizer, max_length)
     return TextTask(dataset, tokenizer, num_classes=2, max_length=max_length, label_words=SENTIMENT_LABEL_WORDS)
+
+
+def text_task(
+    raw: Dataset,
+    tokenizer: str | PreTrainedTokenizerBase,
+    max_length: int,
+    text_column: str = "text",
+    label_column: str = "label",
+    template: str = "{text}",
+    label_words: Sequence[str] = (),
+    keep_columns: Sequence[str] = (),
+) -> TextTask:
+    """``raw`` (a labelled text dataset) tokenised by :func:`tokenize_dataset`; the number of classes is the
+    ``ClassLabel``'s, or else the largest label plus one."""
+    missing = [field for field in template_fields(template) if field != "text" and field not in raw.column_names]
+    if "text" in template_fields(template) and text_column not in raw.column_names:
+        raise ConfigError("data.text-column", text_column, f"no such column; columns: {', '.join(raw.column_names)}")
+    if missing:
+        raise ConfigError("data.template", template, f"names no column of the dataset; columns: {', '.join(raw.column_names)}")
+    if label_column not in raw.column_names:
+        raise ConfigError("data.label-column", label_column, f"no such column; columns: {', '.join(raw.column_names)}")
+    num_classes = count_classes(raw, label_column)
+    tokenizer = load_tokenizer(tokenizer)
+    dataset = tokenize_dataset(raw, tokenizer, max_length, text_column, label_column, template, keep_columns)
+    return TextTask(dataset, tokenizer, num_classes=num_classes, max_length=max_length, label_words=tuple(label_words))
 
 
 def load_text_task(
@@ -209,21 +270,10 @@ def load_text_task(
     template: str = "{text}",
     label_words: Sequence[str] = (),
 ) -> TextTask:
-    """A hub dataset or local files (``datasets.load_dataset(path, data_files=..., split=...)``) tokenised
-    with a Hugging Face tokenizer (a name or directory for ``AutoTokenizer.from_pretrained``, or an instance).
-
-    The number of classes is the ``ClassLabel``'s, or else the largest label plus one. A tokenizer
-    without a pad token pads with its end-of-sequence token.
-    """
-    if isinstance(tokenizer, str):
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    """One split of a hub dataset or local files (``datasets.load_dataset(path, data_files=..., split=...)``)
+    as a :func:`text_task`."""
     raw = datasets.load_dataset(path, data_files=data_files, split=split)
-    feature = raw.features[label_column]
-    num_classes = feature.num_classes if isinstance(feature, ClassLabel) else int(max(raw[label_column])) + 1
-    dataset = tokenize_dataset(raw, tokenizer, max_length, text_column, label_column, template)
-    return TextTask(dataset, tokenizer, num_classes=num_classes, max_length=max_length, label_words=tuple(label_words))
+    return text_task(raw, tokenizer, max_length, text_column, label_column, template, label_words)
 
 
 def text_examples(dataset: Dataset, task: str = "classification") -> Examples:
