@@ -37,7 +37,9 @@ BAD_VALUES = [
     ("zo.estimator", "backward", "must be one of forward, central, jvp"),
     ("zo.directions", "uniform", "must be one of gaussian, rademacher"),
     ("strategy", "fedsgd", "must be one of"),
-    ("partitioner", "shards", "must be one of iid, dirichlet"),
+    ("partitioner", "shards", "must be one of iid, dirichlet, inner-dirichlet, pathological, shard, linear, square"),
+    ("partition.group-mode", "loose", "must be one of allow-smaller, allow-bigger, drop-reminder, strict"),
+    ("tokenizer", 3, "must be a string"),
     ("num-server-rounds", 0, "must be an integer >= 1"),
     ("cut-layer", 7, "within the cnn's blocks 1..4"),
     ("test-fraction", 1.5, "must be a number > 0 and <= 0.9"),
@@ -65,6 +67,9 @@ CROSS_KEY_VALUES = [
     ("cut-layer", 3, "within tiny-llama's blocks 1..2", {"model": "tiny-llama", "dataset": "sentiment"}),
     ("heron.upload-every", 5, "must be <= heron.local-steps (4)", {}),
     ("min-nodes", 2, "must be 0 or >= clients-per-round (3)", {}),
+    ("data.eval-split", "validation", "digits has no splits; use held-out or leave it empty", {}),
+    ("data.eval-split", "test", "sentiment has no splits", {"model": "tiny-llama", "dataset": "sentiment"}),
+    ("partition.shard-size", 0, "partitioner=shard needs partition.shard-size", {"partitioner": "shard"}),
 ]
 
 
