@@ -99,6 +99,12 @@ CORE_OPTIONS: dict[str, Option] = {
         "tripled) or mixed (huge on odd rounds, flip on even ones)",
         choices=("huge", "flip", "mixed"),
     ),
+    "client.batchnorm": Option(
+        "frozen",
+        "image classifiers: client BatchNorm frozen (eval mode, affine parameters fixed, as the official HO-SFL code) "
+        "or train",
+        choices=("frozen", "train"),
+    ),
     "results-dir": Option("results", "where per-round results and the final model are written"),
 }
 
@@ -156,8 +162,14 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
         if config["task"] not in family.tasks:
             raise ConfigError("task", config["task"], f"the {model} model does {', '.join(family.tasks)} only")
     else:
-        if dataset == "digits":
+        vision = model in _vision_tiny_configs()
+        if dataset == "digits" and not vision:
             raise ConfigError("dataset", dataset, f"transformer {model} needs a text dataset (sentiment or a Hugging Face one)")
+        if vision:
+            if dataset in ("digits", "sentiment"):
+                raise ConfigError("dataset", dataset, f"the image classifier {model} needs an image dataset (a hub name or a directory)")
+            if config["task"] != "classification":
+                raise ConfigError("task", config["task"], f"the image classifier {model} does classification only")
         if model.startswith("tiny-"):
             _check_tiny(model, config["cut-layer"])
         if model.startswith("pretrained-"):
@@ -182,12 +194,21 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
         raise ConfigError("min-nodes", config["min-nodes"], f"must be 0 or >= clients-per-round ({config['clients-per-round']})")
 
 
-def _check_tiny(model: str, cut_layer: int) -> None:
-    from .models.hf.configs import TINY_CONFIGS  # transformers is imported only for transformer runs
+def _vision_tiny_configs() -> dict:
+    from .models.hf.vision import VISION_TINY_CONFIGS  # transformers is imported only for Hugging Face runs
 
-    if model not in TINY_CONFIGS:
-        raise ConfigError("model", model, f"unknown tiny transformer; allowed: {', '.join(sorted(TINY_CONFIGS))}")
-    blocks = TINY_CONFIGS[model]().num_hidden_layers
+    return VISION_TINY_CONFIGS
+
+
+def _check_tiny(model: str, cut_layer: int) -> None:
+    from .models.hf.configs import TINY_CONFIGS
+    from .models.hf.vision import vision_num_blocks
+
+    vision = _vision_tiny_configs()
+    if model not in TINY_CONFIGS and model not in vision:
+        allowed = ", ".join(sorted([*TINY_CONFIGS, *vision]))
+        raise ConfigError("model", model, f"unknown tiny model; allowed: {allowed}")
+    blocks = vision_num_blocks(vision[model]()) if model in vision else TINY_CONFIGS[model]().num_hidden_layers
     if not 1 <= cut_layer < blocks:
         raise ConfigError("cut-layer", cut_layer, f"must be within {model}'s blocks 1..{blocks - 1}")
 

@@ -70,15 +70,16 @@ def data_options(config: Mapping[str, Any]) -> DataOptions:
 
 
 def image_spec(config: Mapping[str, Any]) -> ImageSpec | None:
-    """The model's image size, channels and normalisation for an image dataset (``None`` for other data),
-    read from the model's image processor."""
+    """The model's image size, channels and normalisation for an image dataset (``None`` for other data):
+    :func:`~hosfl_flower.models.hf.vision.vision_input_spec`."""
     if not is_image_dataset(config["dataset"], data_options(config)):
         return None
+    from .models.hf.vision import vision_input_spec
     from .options import ConfigError
 
     source = model_source(config)
     try:
-        return ImageSpec.from_pretrained(source)
+        return vision_input_spec(source)
     except (OSError, ValueError) as error:
         reason = f"gives no image settings for image dataset {config['dataset']}: {' '.join(str(error).split())}"
         raise ConfigError("model", config["model"], reason) from error
@@ -105,7 +106,18 @@ def build_model(config: Mapping[str, Any], info: DataInfo) -> SplitModel:
         task=config["task"],
         lora=lora,
         verbalizer_ids=info.verbalizer_ids,
+        client_batchnorm=config["client.batchnorm"],
+        vocab_size=_tiny_vocab_size(config, info),
     )
+
+
+def _tiny_vocab_size(config: Mapping[str, Any], info: DataInfo) -> int | None:
+    """A tiny transformer takes the vocabulary of a ``tokenizer`` the config names (``None``: its own)."""
+    if not (config["tokenizer"] and config["model"].startswith("tiny-")) or info.vocab_size is None:
+        return None
+    from .models.hf.configs import TINY_CONFIGS
+
+    return info.vocab_size if config["model"] in TINY_CONFIGS else None
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,7 @@ _CLIENT_KEYS = (
     "lora.rank",
     "lora.alpha",
     "lora.targets",
+    "client.batchnorm",
 )
 
 

@@ -10,11 +10,11 @@ import torch
 from transformers import BertConfig, ConvNextImageProcessorPil, ViTImageProcessorPil
 from transformers.utils import logging as hf_logging
 
+from hosfl_flower.data.images import ImageSpec
 from hosfl_flower.models.hf import LoraSettings
 from hosfl_flower.models.hf.vision import (
     VISION_TINY_CONFIGS,
     ResNetSplit,
-    VisionInputSpec,
     ViTSplit,
     batchnorm_modules,
     build_vision_split_model,
@@ -311,14 +311,14 @@ def test_local_checkpoint_with_its_own_class_count_initialises_nothing(checkpoin
 
 def test_input_specs(checkpoints):
     root = checkpoints["root"]
-    assert vision_input_spec("tiny-resnet") == VisionInputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-    assert vision_input_spec("tiny-vit") == VisionInputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert vision_input_spec("tiny-resnet") == ImageSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert vision_input_spec("tiny-vit") == ImageSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     spec = vision_input_spec(str(root / "resnet"))
     assert spec.image_size == 64 and spec.num_channels == 3
     assert spec.mean == pytest.approx(CONVNEXT_MEAN) and spec.std == pytest.approx(CONVNEXT_STD)
-    assert vision_input_spec(str(root / "vit")) == VisionInputSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    assert vision_input_spec(str(root / "vit")) == ImageSpec(32, 3, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
     bare = vision_input_spec(str(root / "resnet-bare"))
-    assert bare == VisionInputSpec(224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert bare == ImageSpec(224, 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_is_vision_model(checkpoints):

@@ -52,42 +52,6 @@ class ImageSpec:
         """The PIL mode images are converted to."""
         return "L" if self.num_channels == 1 else "RGB"
 
-    @classmethod
-    def from_pretrained(cls, source: str) -> ImageSpec:
-        """The spec of a Hugging Face vision model (a hub name or directory): its image processor's crop
-        or resize size, mean and std, and its configuration's ``num_channels`` (3 when it names none)."""
-        from transformers import AutoConfig, AutoImageProcessor
-
-        processor = AutoImageProcessor.from_pretrained(source)
-        try:
-            channels = int(getattr(AutoConfig.from_pretrained(source), "num_channels", 3))
-        except (OSError, ValueError):
-            channels = 3
-        crop = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
-        size = _square_size(crop or processor.size, source)
-        if getattr(processor, "do_normalize", True):
-            mean, std = tuple(processor.image_mean), tuple(processor.image_std)
-        else:
-            mean, std = (0.0,), (1.0,)
-        mean, std = (mean * channels, std * channels) if len(mean) == 1 else (mean, std)
-        return cls(size, channels, mean, std)
-
-
-def _square_size(size: Any, source: str) -> int:
-    def get(key: str) -> Any:
-        return size.get(key) if isinstance(size, dict) else getattr(size, key, None)
-
-    if isinstance(size, int):
-        return size
-    height, width, edge = get("height"), get("width"), get("shortest_edge")
-    if height and width:
-        if height != width:
-            raise ValueError(f"{source} takes {height}x{width} images; only square sizes are supported")
-        return int(height)
-    if edge:
-        return int(edge)
-    raise ValueError(f"cannot read an image size from {source}'s image processor ({size})")
-
 
 def image_tensor(images: Iterable[Any], spec: ImageSpec) -> torch.Tensor:
     """Decoded (PIL) images as ``float32 (n, C, H, W)`` in the spec's mode, size and normalisation."""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from typing import Any, cast
 
@@ -35,6 +35,7 @@ from transformers import (
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import cached_file
 
+from ...data.images import ImageSpec
 from ...zo.directions import trainable_parameters
 from ..base import Inputs, Smashed, SplitModel
 from .build import LoraSettings, apply_lora, copy_sharing_frozen, quiet_transformers
@@ -152,16 +153,6 @@ def is_vision_model(name_or_path: str) -> bool:
     return config.model_type in VISION_SPLIT_FAMILIES
 
 
-@dataclass(frozen=True)
-class VisionInputSpec:
-    """What a vision model expects: square images of ``image_size``, ``num_channels``, normalised per channel."""
-
-    image_size: int
-    num_channels: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-
 def _per_channel(values: Any, num_channels: int) -> tuple[float, ...]:
     """A scalar or per-channel statistic as one float per channel."""
     if isinstance(values, (int, float)):
@@ -175,7 +166,7 @@ def _config_image_size(config: PretrainedConfig) -> int:
     return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
-def vision_input_spec(name_or_path: str) -> VisionInputSpec:
+def vision_input_spec(name_or_path: str) -> ImageSpec:
     """Input size, channels and normalisation of a vision model.
 
     Tiny models: 32 pixels, 3 channels, mean 0.5, std 0.5. A checkpoint with a
@@ -185,14 +176,14 @@ def vision_input_spec(name_or_path: str) -> VisionInputSpec:
     """
     if name_or_path in VISION_TINY_CONFIGS:
         config = VISION_TINY_CONFIGS[name_or_path]()
-        return VisionInputSpec(TINY_IMAGE_SIZE, config.num_channels, (0.5,) * config.num_channels, (0.5,) * config.num_channels)
+        return ImageSpec(TINY_IMAGE_SIZE, config.num_channels, (0.5,) * config.num_channels, (0.5,) * config.num_channels)
     config = vision_config(name_or_path)
     num_channels = int(getattr(config, "num_channels", 3))
     with quiet_transformers():
         has_processor = cached_file(name_or_path, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
         processor = AutoImageProcessor.from_pretrained(name_or_path) if has_processor else None
     if processor is None:
-        return VisionInputSpec(
+        return ImageSpec(
             _config_image_size(config),
             num_channels,
             _per_channel(IMAGENET_MEAN, num_channels),
@@ -207,7 +198,7 @@ def vision_input_spec(name_or_path: str) -> VisionInputSpec:
         std = _per_channel(getattr(processor, "image_std", IMAGENET_STD), num_channels)
     else:
         mean, std = (0.0,) * num_channels, (1.0,) * num_channels
-    return VisionInputSpec(image_size, num_channels, mean, std)
+    return ImageSpec(image_size, num_channels, mean, std)
 
 
 # ---------------------------------------------------------------------------------------- loading
