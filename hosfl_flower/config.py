@@ -101,8 +101,7 @@ CORE_OPTIONS: dict[str, Option] = {
     ),
     "client.batchnorm": Option(
         "frozen",
-        "image classifiers: client BatchNorm frozen (eval mode, affine parameters fixed, as the official HO-SFL code) "
-        "or train",
+        "image classifiers: client BatchNorm frozen (eval mode, affine parameters fixed, as the official HO-SFL code) or train",
         choices=("frozen", "train"),
     ),
     "results-dir": Option("results", "where per-round results and the final model are written"),
@@ -167,7 +166,8 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
             raise ConfigError("dataset", dataset, f"transformer {model} needs a text dataset (sentiment or a Hugging Face one)")
         if vision:
             if dataset in ("digits", "sentiment"):
-                raise ConfigError("dataset", dataset, f"the image classifier {model} needs an image dataset (a hub name or a directory)")
+                reason = f"the image classifier {model} needs an image dataset (a hub name or a directory)"
+                raise ConfigError("dataset", dataset, reason)
             if config["task"] != "classification":
                 raise ConfigError("task", config["task"], f"the image classifier {model} does classification only")
         if model.startswith("tiny-"):

@@ -44,16 +44,49 @@ def test_the_paper_examples_carry_the_papers_settings():
     assert set(vision) == {"cifar10-iid", "cifar10-dirichlet", "cifar100-iid", "cifar100-dirichlet"}
     for name, config in vision.items():
         assert (config["model"], config["cut-layer"], config["client.batchnorm"]) == ("microsoft/resnet-18", 2, "frozen")
-        assert (config["zo.num-perturbations"], config["zo.mu"], config["client.optimizer"], config["client.lr"]) == (10, 1e-4, "adamw", 1e-3)
+        assert (config["zo.num-perturbations"], config["zo.mu"], config["client.optimizer"], config["client.lr"]) == (
+            10,
+            1e-4,
+            "adamw",
+            1e-3,
+        )
         assert (config["clients-per-round"], config["batch-size"]) == (10, 32)
-        assert config["partitioner"] == name.split("-")[1] and (config["dirichlet-alpha"] == 1.0 or config["partitioner"] == "iid")
+        assert config["partitioner"] == name.split("-")[1] and (
+            config["dirichlet-alpha"] == 1.0 or config["partitioner"] == "iid"
+        )
     cuts = {"opt-125m": 3, "gemma-3-270m": 5, "llama-3.2-1b": 8}
     assert {name.rsplit("-", 1)[0] for name in language} == set(cuts) and len(language) == 6
     for name, config in language.items():
         assert config["cut-layer"] == cuts[name.rsplit("-", 1)[0]] and config["task"] == "verbalizer"
         assert (config["lora.rank"], config["lora.alpha"], config["lora.targets"]) == (8, 16.0, "q_proj,v_proj")
-        assert (config["zo.num-perturbations"], config["zo.mu"], config["client.lr"], config["server.lr"]) == (2, 1e-3, 1e-5, 1e-5)
+        assert (config["zo.num-perturbations"], config["zo.mu"], config["client.lr"], config["server.lr"]) == (
+            2,
+            1e-3,
+            1e-5,
+            1e-5,
+        )
         assert (config["clients-per-round"], config["batch-size"], config["max-length"]) == (3, 32, 128)
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            {"model": "tiny-resnet", "dataset": "digits"},
+            "dataset='digits': the image classifier tiny-resnet needs an image dataset",
+        ),
+        ({"model": "tiny-vit", "dataset": "x", "task": "causal-lm"}, "task='causal-lm': the image classifier tiny-vit does"),
+        ({"model": "tiny-resnet", "dataset": "x", "cut-layer": 4}, "cut-layer=4: must be within tiny-resnet's blocks 1..3"),
+        ({"model": "tiny-resnet", "dataset": "x", "client.batchnorm": "free"}, "client.batchnorm='free'"),
+        ({"model": "tiny-resnt", "dataset": "x"}, "unknown tiny model; allowed:"),
+    ],
+)
+def test_bad_image_classifier_settings_fail_with_one_line(overrides, message):
+    from hosfl_flower.options import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        resolve_run_config(overrides)
+    assert message in str(error.value) and "\n" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------- an image task on disk
