@@ -31,6 +31,7 @@ HEAVIEST_FIRST = (
     "test_pretrain.py",
     "test_protocol_plugin.py",
     "test_simulation.py",
+    "test_workloads.py",
     "test_memory.py",
     "test_fuzz_replies.py",
     "test_checkpoint_checks.py",
