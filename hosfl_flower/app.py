@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from functools import partial
 from logging import INFO
 from typing import Any
@@ -19,6 +21,28 @@ from .flower.client_app import build_client_app
 from .flower.strategy import HOSFLStrategy
 from .node.client import HOSFLClient
 from .task import partition_sizes, server_model_and_test
+
+
+class _ToFlowerLog(logging.Handler):
+    """Re-emits the package's records through Flower's logger."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        log(record.levelno, "%s", record.getMessage())
+
+
+@contextmanager
+def package_log_in_flower() -> Iterator[None]:
+    """Show the package's INFO records (e.g. which checkpoint was loaded and what was newly initialised) in
+    Flower's log for a while. Only the ServerApp does this, so a run says it once, not once per ClientApp."""
+    logger = logging.getLogger("hosfl_flower")
+    handler, level = _ToFlowerLog(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def build_strategy(run_config: Mapping[str, Any], strategy_class: type[HOSFLStrategy] = HOSFLStrategy) -> HOSFLStrategy:
@@ -38,7 +62,8 @@ def build_server_app(
     def main(grid: Grid, context: Context) -> None:
         config = resolve_run_config(context.run_config, overrides or {})
         torch.set_num_threads(config["torch-threads"])
-        strategy = build_strategy(config, strategy_class)
+        with package_log_in_flower():
+            strategy = build_strategy(config, strategy_class)
         result = strategy.start(grid=grid, num_rounds=config["num-server-rounds"])
         last = max(result.evaluate_metrics_serverapp)
         log(

@@ -130,8 +130,12 @@ def test_hosfl_learns_an_image_task_on_tiny_resnet(digit_images, seed):
 @pytest.mark.slow
 def test_flower_run_on_tiny_resnet_equals_the_reference_loop(simulate, digit_images):
     overrides = f"model='tiny-resnet' cut-layer=2 dataset='{digit_images}' num-server-rounds=3 eval-every=3 seed=2"
-    _, results = simulate(overrides, num_supernodes=3)
+    process, results = simulate(overrides, num_supernodes=3)
     final, rows, summary = load_results(results)
+    # the ServerApp says once what it built; no ClientApp repeats it, and no library table is printed
+    output = process.stdout + process.stderr
+    assert output.count("built tiny-resnet (ResNetForImageClassification) from its tiny configuration") == 1, output[-3000:]
+    assert "LOAD REPORT" not in output
     assert len(rows) == 3 and summary["final"]["final-sync-mismatches"] == 0
     reference = assert_equal_to_reference(final, rows, 3)
     assert len(reference.ledger) == 3

@@ -212,7 +212,9 @@ def load_vision_model(name_or_path: str, num_classes: int) -> PreTrainedModel:
     if name_or_path in VISION_TINY_CONFIGS:
         config = VISION_TINY_CONFIGS[name_or_path]()
         config.num_labels = num_classes
-        return AutoModelForImageClassification.from_config(config, dtype=torch.float32)
+        model = AutoModelForImageClassification.from_config(config, dtype=torch.float32)
+        LOG.info("built %s (%s) from its tiny configuration, %d classes", name_or_path, type(model).__name__, num_classes)
+        return model
     with quiet_transformers():
         model, info = AutoModelForImageClassification.from_pretrained(
             name_or_path,
