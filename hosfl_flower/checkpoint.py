@@ -46,9 +46,13 @@ RESUMABLE_KEYS = frozenset(
         "min-nodes",
         "max-skipped-rounds",
         "split-server.placement",
+        "split-server.device",
+        "split-server.num-gpus",
+        "client.device",
     }
 )
-"""Run-config keys a resumed run may change; every other key must equal the checkpoint's."""
+"""Run-config keys a resumed run may change (a checkpoint holds CPU tensors, so it resumes on any device);
+every other key must equal the checkpoint's."""
 
 
 class CheckpointError(RuntimeError):

@@ -13,6 +13,7 @@ from typing import Any
 
 from .data import PARTITION_OPTIONS, PartitionSpec
 from .data.sources import HELD_OUT, check_bundled_eval_split
+from .devices import DEVICE_HELP, DEVICE_KEYS, PRECISIONS, check_precision, resolve_device
 from .models import MODEL_FAMILIES
 from .models.base import TASKS
 from .options import ConfigError, Option
@@ -74,6 +75,28 @@ CORE_OPTIONS: dict[str, Option] = {
     "server.weight-decay": Option(0.0, "server weight decay", minimum=0.0),
     "split-server.placement": Option(
         "local", "where the split server runs: in the ServerApp or as a Ray actor", choices=PLACEMENTS
+    ),
+    "split-server.device": Option(
+        "cpu",
+        f"where the split server keeps θ_s and its optimizer and computes: {DEVICE_HELP}; batches move to it, λ "
+        "comes back as CPU float32, checkpoints hold CPU tensors",
+    ),
+    "split-server.precision": Option(
+        "fp32",
+        "autocast of the split server's first-order steps: fp32 (none), bf16 (CPU or CUDA) or fp16 (CUDA, with a "
+        "gradient scaler); evaluation and ZO-SFL's loss differences stay float32",
+        choices=PRECISIONS,
+    ),
+    "split-server.num-gpus": Option(
+        1.0,
+        "placement='ray' with a CUDA split-server.device: the GPUs its Ray actor reserves (a fraction shares one; 0: "
+        "none reserved, leaving every GPU to the ClientApp actors)",
+        minimum=0.0,
+    ),
+    "client.device": Option(
+        "cpu",
+        f"where each node runs its forward passes and client steps: {DEVICE_HELP}; θ_c stays float32 on the CPU and a "
+        "device computes on a copy refreshed from it",
     ),
     "torch-threads": Option(
         1, "torch intra-op threads of the server and every client (results are bit-exact per setting)", minimum=1
@@ -142,6 +165,9 @@ def resolve_run_config(*layers: Mapping[str, Any]) -> dict[str, Any]:
     if resolved["cut-layer"] == 0:
         family = MODEL_FAMILIES.get(resolved["model"])
         resolved["cut-layer"] = family.default_cut if family is not None else DEFAULT_CUT
+    for key in DEVICE_KEYS:  # checked against this machine; auto becomes cuda or cpu
+        resolved[key] = resolve_device(key, resolved[key])
+    check_precision(resolved["split-server.precision"], resolved["split-server.device"])
     _check_cross_keys(resolved)
     for spec in registered.values():  # each protocol's own checks across its keys
         spec.settings.from_config(resolved)

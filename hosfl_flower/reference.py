@@ -27,7 +27,7 @@ from .protocols.base import Check, Link, NodeInfo, ProtocolServer, RunSettings, 
 from .protocols.messages import ModelSpec, Payload, ReplyError
 from .protocols.registry import get_protocol
 from .schedule import RoundSchedule
-from .split_server import SplitServer
+from .split_server import SplitServer, sync_server_segment
 from .task import client_task, server_model_and_test
 
 _RUNS = itertools.count()
@@ -149,6 +149,8 @@ def run_reference(
         lr=cfg["server.lr"],
         momentum=cfg["server.momentum"],
         weight_decay=cfg["server.weight-decay"],
+        device=cfg["split-server.device"],
+        precision=cfg["split-server.precision"],
     )
     example = test.take(torch.arange(1))
     model_spec = ModelSpec.of(model, example.inputs, example.labels)
@@ -163,9 +165,12 @@ def run_reference(
         link = InProcessLink(spec.name, clients, rnd, cfg, spec=model_spec)
         row: dict[str, Any] = {"round": rnd, **protocol.run_round(rnd, [nodes[p] for p in picked], link)}
         if rnd % cfg["eval-every"] == 0 or rnd == run.num_rounds:
+            sync_server_segment(server, model)
             row["loss"], row["accuracy"] = evaluate_model(model, test, cfg["eval-batch-size"])
         result.history.append(row)
         if observe is not None:
+            sync_server_segment(server, model)
             observe(RoundTrace(rnd, model, row))
     protocol.finish(nodes, InProcessLink(spec.name, clients, 0, spec=model_spec))
+    sync_server_segment(server, model)
     return result

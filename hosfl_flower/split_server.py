@@ -1,4 +1,9 @@
-"""The split server: owns ``θ_s`` and its optimizer, and takes first-order steps on smashed batches."""
+"""The split server: owns ``θ_s`` and its optimizer, and takes first-order steps on smashed batches.
+
+On a device other than the CPU (``split-server.device``) it keeps ``θ_s`` and its optimizer there, on
+its own copy of the server segment: batches move to it, ``λ`` comes back as CPU float32, and
+:meth:`SplitServer.state` is CPU tensors (docs/protocols.md, "Devices").
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from typing import Any, cast
 
 import torch
 
+from .devices import PRECISIONS, autocast, segment_copy
 from .models import SplitModel
 from .zo import SGD, LedgerEntry, apply_entry, perturb_
 
@@ -38,6 +44,22 @@ class StepResult:
     seconds: float
 
 
+def _cpu_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of ``tensor`` (``clone`` when it is on the CPU already)."""
+    return tensor.detach().clone() if tensor.is_cpu else tensor.detach().to("cpu")
+
+
+def _cpu_tree(value: Any) -> Any:
+    """``copy.deepcopy`` of ``value`` with every tensor copied to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return _cpu_copy(value)
+    if isinstance(value, Mapping):
+        return {k: _cpu_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_tree(v) for v in value)
+    return copy.deepcopy(value)
+
+
 class SplitServer:
     """``θ_s``, its optimizer and the first-order step over a round's smashed batches.
 
@@ -45,6 +67,13 @@ class SplitServer:
     returns ``λ_n = ∂loss/∂z_n`` for every batch. The model stays in eval mode (no dropout), so a
     step is a deterministic function of its inputs. The same class runs in the ServerApp process
     (default) or as a Ray actor (:class:`RaySplitServer`).
+
+    On the CPU it steps ``model``'s own server segment. On another ``device`` (or with ``detach``) it
+    steps a copy of it (:func:`~hosfl_flower.devices.segment_copy`) and :attr:`detached` is true: the
+    caller's ``model`` gets ``θ_s`` back through :func:`sync_server_segment`. ``precision`` (``fp32``,
+    ``bf16``, ``fp16``) autocasts the forward and backward of :meth:`step`; ``fp16`` scales the loss
+    (``torch.amp.GradScaler``), ``λ`` is unscaled, and a step whose gradients overflow is skipped with
+    ``λ = 0``.
     """
 
     def __init__(
@@ -55,12 +84,37 @@ class SplitServer:
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         num_threads: int | None = None,
+        device: str = "cpu",
+        precision: str = "fp32",
+        detach: bool | None = None,
     ) -> None:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
-        self.model = model
-        self.settings: dict[str, Any] = {"optimizer": optimizer, "lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        self.optimizer = make_server_optimizer(optimizer, model.server_parameters(), lr, momentum, weight_decay)
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; allowed: {', '.join(PRECISIONS)}")
+        self.device = torch.device(device)
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"fp16 autocast needs a CUDA device, not {device!r} (on the CPU, use bf16)")
+        self.precision = precision
+        self.detached = self.device.type != "cpu" if detach is None else bool(detach)
+        self.model = segment_copy(model, "server", self.device) if self.detached else model
+        self.settings: dict[str, Any] = {
+            "optimizer": optimizer,
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "device": device,
+            "precision": precision,
+        }
+        self.optimizer = make_server_optimizer(optimizer, self.model.server_parameters(), lr, momentum, weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
+
+    def ready(self) -> str:
+        """The device this server computes on (a Ray actor answers once it is placed)."""
+        return str(self.device)
+
+    def _to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device) for k, v in tensors.items()}
 
     def step(
         self,
@@ -72,29 +126,42 @@ class SplitServer:
 
         With ``apply=False`` the gradients are computed (and ``λ_n`` returned) but the optimizer step
         waits for :meth:`apply_pending` or is dropped by :meth:`discard_pending`, so a round can still
-        be skipped without changing ``θ_s``.
+        be skipped without changing ``θ_s``. ``λ_n`` are CPU float32 tensors.
         """
         if len(batches) != len(weights):
             raise ValueError(f"{len(batches)} batches but {len(weights)} weights")
         start = time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         leaves: list[torch.Tensor] = []
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for (smashed, labels), weight in zip(batches, weights):
-            z = smashed["z"].detach().clone().requires_grad_(True)
+            z = smashed["z"].detach().to(self.device, copy=True).requires_grad_(True)
             leaves.append(z)
-            logits = self.model.head({**smashed, "z": z})
-            total = total + weight * self.model.loss(logits, labels)
+            with autocast(self.device, self.precision):
+                logits = self.model.head({**self._to_device(smashed), "z": z})
+            total = total + weight * self.model.loss(logits.float(), labels.to(self.device))
         if leaves:
-            total.backward()
+            (self.scaler.scale(total) if self.scaler is not None else total).backward()
             if apply:
-                self.optimizer.step()
+                self._optimizer_step()
         grads = [z.grad if z.grad is not None else torch.zeros_like(z) for z in leaves]
+        if self.scaler is not None:
+            grads = [g / self.scaler.get_scale() for g in grads]
+            if not all(bool(torch.isfinite(g).all()) for g in grads):  # overflow: the scaler skips the step
+                grads = [torch.zeros_like(g) for g in grads]
+        grads = [g.to("cpu", torch.float32) for g in grads]
         return StepResult(float(total.detach()), grads, time.perf_counter() - start)
+
+    def _optimizer_step(self) -> None:
+        if self.scaler is None:
+            self.optimizer.step()
+        else:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
 
     def apply_pending(self) -> None:
         """Take the optimizer step whose gradients a ``step(..., apply=False)`` left on ``θ_s``."""
-        self.optimizer.step()
+        self._optimizer_step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def discard_pending(self) -> None:
@@ -116,10 +183,13 @@ class SplitServer:
         the client's ``first_index`` ones, so ``u_p`` is one direction over both segments) and
         compares ``ℓ(f_s(z̃_p; θ_s + μ u_p))`` with ``ℓ(f_s(z; θ_s))``. Returns each batch's loss at
         ``(θ_c, θ_s)``, each batch's differences ``L1 − L0`` (one list of ``P`` per batch) and compute
-        seconds; ``θ_s`` is left as it was (:meth:`zo_apply` takes the step).
+        seconds; ``θ_s`` is left as it was (:meth:`zo_apply` takes the step). Always float32: a
+        difference at ``μ`` is below bfloat16's resolution.
         """
         start = time.perf_counter()
         params = self.model.server_parameters()
+        batches = [(self._to_device(smashed), labels.to(self.device)) for smashed, labels in batches]
+        perturbed = [[t.to(self.device) for t in tilde] for tilde in perturbed]
         anchors = [float(self.model.loss(self.model.head(smashed), labels)) for smashed, labels in batches]
         differences: list[list[float]] = [[] for _ in batches]
         for p, seed in enumerate(seeds):
@@ -138,15 +208,19 @@ class SplitServer:
         apply_entry(self.model.server_parameters(), SGD(), entry, first_index=first_index)
 
     def server_weights(self) -> dict[str, torch.Tensor]:
-        """The server segment's state dict (weights and buffers)."""
-        return {k: v.detach().clone() for k, v in self.model.server.state_dict().items()}
+        """The server segment's state dict (weights and buffers), as CPU tensors."""
+        return {k: _cpu_copy(v) for k, v in self.model.server.state_dict().items()}
 
     def state(self) -> dict:
-        """Weights and optimizer state together (what a copy or a checkpoint needs)."""
-        return {"weights": self.server_weights(), "optimizer": copy.deepcopy(self.optimizer.state_dict())}
+        """Weights and optimizer state together, as CPU tensors (what a copy or a checkpoint needs)."""
+        optimizer = self.optimizer.state_dict()
+        return {
+            "weights": self.server_weights(),
+            "optimizer": _cpu_tree(optimizer) if self.detached else copy.deepcopy(optimizer),
+        }
 
     def load_state(self, state: Mapping) -> None:
-        """Restore :meth:`state`."""
+        """Restore :meth:`state` (CPU tensors are moved to this server's device)."""
         self.model.server.load_state_dict(state["weights"])
         self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
 
@@ -155,10 +229,19 @@ class SplitServer:
         state = self.state()
         result = []
         for _ in range(count):
-            twin = SplitServer(copy.deepcopy(self.model), **self.settings)
+            if self.detached:
+                twin = SplitServer(self.model, **self.settings, detach=True)
+            else:
+                twin = SplitServer(copy.deepcopy(self.model), **self.settings)
             twin.load_state(state)
             result.append(twin)
         return result
+
+
+def sync_server_segment(server: SplitServer | RaySplitServer, model: SplitModel) -> None:
+    """Copy ``θ_s`` into ``model`` from a split server that steps its own copy (a device, a Ray actor)."""
+    if getattr(server, "detached", False):
+        model.server.load_state_dict(server.server_weights())
 
 
 def average_states(states: Sequence[Mapping], weights: Sequence[float]) -> dict:
@@ -190,9 +273,17 @@ class RaySplitServer:
     this waits for the engine to initialise Ray and never calls ``ray.init`` itself. The actor
     reserves no CPU (``num_cpus=0``) because the client actor pool takes them all, and uses as many
     torch threads as the creating process so that its arithmetic matches the in-process placement bit for bit.
+
+    With a CUDA ``device`` the actor reserves ``num_gpus`` Ray GPUs (``split-server.num-gpus``) and runs
+    on the one Ray assigns it (Ray makes the assigned GPUs the actor's only visible ones, so an index in
+    ``cuda:N`` is Ray's choice); with ``num_gpus=0`` it reserves none and keeps the device as named. The
+    constructor waits until the actor is placed, and fails in one line if it cannot be within ``wait_seconds``.
     """
 
-    def __init__(self, model: SplitModel, wait_seconds: float = 120.0, **optimizer_kwargs) -> None:
+    detached = True
+    """The actor steps its own ``θ_s`` (see :func:`sync_server_segment`)."""
+
+    def __init__(self, model: SplitModel, wait_seconds: float = 120.0, num_gpus: float = 0.0, **optimizer_kwargs) -> None:
         import ray
 
         deadline = time.monotonic() + wait_seconds
@@ -200,12 +291,28 @@ class RaySplitServer:
             if time.monotonic() > deadline:
                 raise RuntimeError("split-server.placement='ray' needs Flower's simulation engine (Ray was not initialised)")
             time.sleep(0.05)
-        actor_class = ray.remote(num_cpus=0)(SplitServer)
         self._ray = ray
         optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())  # as the ServerApp's (torch-threads)
-        self._template, self._kwargs = model, dict(optimizer_kwargs)
-        self._actor: Any = actor_class.remote(model, **optimizer_kwargs)  # a Ray actor handle
+        self._template, self._kwargs = model, {**optimizer_kwargs, "wait_seconds": wait_seconds, "num_gpus": num_gpus}
+        gpus = float(num_gpus) if torch.device(optimizer_kwargs.get("device", "cpu")).type == "cuda" else 0.0
+        actor_kwargs = {**optimizer_kwargs, "device": "cuda"} if gpus > 0 else optimizer_kwargs
+        actor_class = ray.remote(num_cpus=0, num_gpus=gpus)(SplitServer)
+        self._actor: Any = cast(Any, actor_class.remote(model, **actor_kwargs))  # a Ray actor handle
         self._pool: list[RaySplitServer] = []
+        ready, _ = ray.wait([self._actor.ready.remote()], timeout=wait_seconds)
+        if not ready:
+            ray.kill(self._actor)
+            raise RuntimeError(
+                f"the split server's Ray actor (num_gpus={gpus:g}) was not placed within {wait_seconds:g} s: the ClientApp "
+                "actors may hold every GPU; lower split-server.num-gpus or the clients' GPU share (--num-gpus-per-client)"
+            )
+        try:
+            ray.get(ready[0])
+        except Exception as error:  # noqa: BLE001 - Ray wraps whatever the constructor raised
+            ray.kill(self._actor)
+            lines = str(error).strip().splitlines()
+            reason = lines[-1] if lines else type(error).__name__
+            raise RuntimeError(f"the split server's Ray actor did not start: {reason}") from None
 
     def step(self, batches, weights, apply: bool = True) -> StepResult:
         return self._ray.get(self._actor.step.remote(list(batches), list(weights), apply))
@@ -268,10 +375,12 @@ def step_each(
     return [server.step([batch], [1.0]) for server, batch in zip(servers, batches)]
 
 
-def build_split_server(model: SplitModel, placement: str, **optimizer_kwargs) -> SplitServer | RaySplitServer:
-    """A split server in this process (``local``) or as a Ray actor (``ray``)."""
+def build_split_server(
+    model: SplitModel, placement: str, num_gpus: float = 0.0, **optimizer_kwargs
+) -> SplitServer | RaySplitServer:
+    """A split server in this process (``local``) or as a Ray actor (``ray``, reserving ``num_gpus`` for a CUDA device)."""
     if placement == "local":
         return SplitServer(model, **optimizer_kwargs)
     if placement == "ray":
-        return RaySplitServer(model, **optimizer_kwargs)
+        return RaySplitServer(model, num_gpus=num_gpus, **optimizer_kwargs)
     raise ValueError(f"unknown split-server placement {placement!r}; allowed: local, ray")

@@ -38,7 +38,7 @@ from ..protocols.registry import get_protocol
 from ..recording import RunRecorder, numeric
 from ..records import record_to_tensors, tensors_to_record
 from ..schedule import RoundSchedule
-from ..split_server import RaySplitServer, SplitServer, build_split_server
+from ..split_server import RaySplitServer, SplitServer, build_split_server, sync_server_segment
 from .checkpoints import CheckpointMixin
 from .discovery import Federation, NodeDirectory, connected_nodes, wait_for_nodes
 from .link import GridLink
@@ -142,6 +142,9 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
                 lr=self.cfg["server.lr"],
                 momentum=self.cfg["server.momentum"],
                 weight_decay=self.cfg["server.weight-decay"],
+                device=self.cfg["split-server.device"],
+                precision=self.cfg["split-server.precision"],
+                num_gpus=self.cfg["split-server.num-gpus"],
             )
         return self._split_server
 
@@ -153,9 +156,9 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
         return self._protocol
 
     def sync_server_weights(self) -> None:
-        """Copy ``θ_s`` from a split server that does not share this process's model (Ray placement)."""
-        if isinstance(self._split_server, RaySplitServer):
-            self.model.server.load_state_dict(self._split_server.server_weights())
+        """Copy ``θ_s`` from a split server that does not share this process's model (a device, Ray placement)."""
+        if self._split_server is not None:
+            sync_server_segment(self._split_server, self.model)
 
     def link(self, grid: Grid, server_round: int) -> GridLink:
         """The link of one round's exchanges."""

@@ -10,13 +10,19 @@ change what a node does (how it draws its batches, how it restores weights, or a
 The object is rebuilt for every message. What the node must remember lives in ``context.state``
 (:attr:`state`): the version of ``θ_c`` it is at and small per-round scratch; the weights themselves
 are in a :class:`~hosfl_flower.node.store.WeightStore`.
+
+With ``client.device`` other than the CPU, the node computes on a :class:`DeviceCopy` of its model:
+``θ_c`` stays float32 on the CPU (every update of it is computed there, as on a CPU node), and the
+forward passes run on the copy, refreshed from it (docs/protocols.md, "Devices").
 """
 
 from __future__ import annotations
 
+import copy
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, overload
 
 import numpy as np
 import torch
@@ -24,11 +30,13 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.client import NumPyClient
 
 from ..data import Examples, sample_batch
+from ..devices import segment_copy
 from ..evaluation import evaluate_model
 from ..models import SplitModel
+from ..models.base import Inputs, Smashed
 from ..protocols.messages import CatchUp, Payload
 from ..records import record_to_tensors, tensors_to_record
-from ..zo import ClientOptimizer, fingerprint, make_client_optimizer, replay
+from ..zo import ClientOptimizer, fingerprint, make_client_optimizer, probe_scalars, replay
 from .store import NODE_STORE, OPTIMIZER_PREFIX, WeightStore, WeightTag, optimizer_of, weights_of
 
 STATE_SYNC = "hosfl.sync"
@@ -37,6 +45,70 @@ SCRATCH_PREFIX = "hosfl.scratch."
 
 class OutOfSyncError(RuntimeError):
     """The node cannot serve a request (it lacks the batch or weights the request assumes)."""
+
+
+def _state_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(), *module.buffers()]
+
+
+class DeviceCopy:
+    """A working copy of a model on ``device`` that mirrors the model's client segment (or, ``whole``,
+    all of it); the model itself stays the canonical replica.
+
+    :meth:`pull` copies into the copy every canonical tensor that changed since the last transfer (each
+    tensor's storage and in-place version counter tell), so a probe that perturbs ``θ_c`` in place costs
+    one host-to-device copy of ``θ_c`` and frozen weights cross once. :meth:`push` copies the copy back
+    after it was trained. :attr:`bytes_to_device` and :attr:`bytes_from_device` count what crossed.
+    """
+
+    def __init__(self, model: SplitModel, device: torch.device, whole: bool = False) -> None:
+        self.device = device
+        self.model: SplitModel = copy.deepcopy(model).to(device) if whole else segment_copy(model, "client", device)
+        source, target = (model, self.model) if whole else (model.client, self.model.client)
+        self._pairs = list(zip(_state_tensors(source), _state_tensors(target)))
+        self._stamps: list[tuple[int, int, int] | None] = [None] * len(self._pairs)
+        self.bytes_to_device = 0
+        self.bytes_from_device = 0
+
+    @staticmethod
+    def _stamp(source: torch.Tensor, target: torch.Tensor) -> tuple[int, int, int]:
+        return source.data_ptr(), source._version, target._version
+
+    @torch.no_grad()
+    def pull(self) -> SplitModel:
+        """Refresh the copy from the canonical tensors that changed; returns the copy."""
+        for index, (source, target) in enumerate(self._pairs):
+            if self._stamps[index] != self._stamp(source, target):
+                target.copy_(source)
+                self.bytes_to_device += source.numel() * source.element_size()
+                self._stamps[index] = self._stamp(source, target)
+        return self.model
+
+    @torch.no_grad()
+    def push(self) -> None:
+        """Copy the tensors the copy changed back into the canonical model."""
+        for index, (source, target) in enumerate(self._pairs):
+            if self._stamps[index] != self._stamp(source, target):
+                source.copy_(target)
+                self.bytes_from_device += target.numel() * target.element_size()
+                self._stamps[index] = self._stamp(source, target)
+
+    def to_device(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` on the copy's device."""
+        return {k: v.to(self.device) for k, v in tensors.items()}
+
+
+_DEVICE_COPIES: weakref.WeakKeyDictionary[SplitModel, dict[tuple[str, bool], DeviceCopy]] = weakref.WeakKeyDictionary()
+"""The device copies of each (shared) model of this process, by device and ``whole``."""
+
+
+def device_copy(model: SplitModel, device: torch.device, whole: bool = False) -> DeviceCopy:
+    """This process's :class:`DeviceCopy` of ``model`` on ``device`` (built on first use)."""
+    copies = _DEVICE_COPIES.setdefault(model, {})
+    key = (str(device), whole)
+    if key not in copies:
+        copies[key] = DeviceCopy(model, device, whole)
+    return copies[key]
 
 
 @dataclass(frozen=True)
@@ -50,6 +122,7 @@ class ClientSettings:
     weight_decay: float = 0.0
     eval_batch_size: int = 512
     num_partitions: int = 1
+    device: str = "cpu"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], partition_id: int, num_partitions: int = 1) -> ClientSettings:
@@ -61,11 +134,20 @@ class ClientSettings:
             optimizer=config["client.optimizer"],
             weight_decay=config["client.weight-decay"],
             eval_batch_size=config["eval-batch-size"],
+            device=config["client.device"],
         )
 
 
 class HOSFLClient(NumPyClient):
-    """One node over a :class:`SplitModel` (shared by the nodes of a process) and its data partition."""
+    """One node over a :class:`SplitModel` (shared by the nodes of a process) and its data partition.
+
+    ``model`` is the canonical replica: ``θ_c`` float32 on the CPU. The node's computation goes through
+    :meth:`smash`, :meth:`probe` and :meth:`compute_model` / :meth:`commit`, which run on a
+    :class:`DeviceCopy` when ``settings.device`` is not the CPU (or :attr:`always_copy` is set).
+    """
+
+    always_copy: ClassVar[bool] = False
+    """Compute on a device copy even on the CPU (what a GPU node does, without a GPU)."""
 
     def __init__(
         self,
@@ -171,6 +253,78 @@ class HOSFLClient(NumPyClient):
             self.persist(optimizer, applied)
         return optimizer, applied
 
+    # ----------------------------------------------------------------- where the node computes
+    @property
+    def device(self) -> torch.device:
+        """The device of the node's computation (``client.device``)."""
+        return torch.device(self.settings.device)
+
+    @property
+    def on_copy(self) -> bool:
+        """Whether the node computes on a :class:`DeviceCopy` instead of :attr:`model` itself."""
+        return self.always_copy or self.device.type != "cpu"
+
+    def device_copy(self, whole: bool = False) -> DeviceCopy:
+        """The process's :class:`DeviceCopy` of :attr:`model` on :attr:`device` (not refreshed)."""
+        return device_copy(self.model, self.device, whole)
+
+    def compute_model(self, whole: bool = False) -> SplitModel:
+        """The model the node computes on: :attr:`model`, or its device copy refreshed from it (the client
+        segment, or ``whole``). After training it, :meth:`commit` makes the result canonical."""
+        return self.device_copy(whole).pull() if self.on_copy else self.model
+
+    def commit(self, whole: bool = False) -> None:
+        """Copy what a step trained on :meth:`compute_model` back into :attr:`model` (no-op without a copy)."""
+        if self.on_copy:
+            self.device_copy(whole).push()
+
+    @overload
+    def to_compute(self, tensors: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def to_compute(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def to_compute(self, tensors: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor | dict[str, torch.Tensor]:
+        """A tensor, or a mapping of them, on the device of :meth:`compute_model`."""
+        if isinstance(tensors, torch.Tensor):
+            return tensors.to(self.device) if self.on_copy else tensors
+        return {k: v.to(self.device) for k, v in tensors.items()} if self.on_copy else dict(tensors)
+
+    def smash(self, inputs: Inputs) -> Smashed:
+        """``model.smash(inputs)`` on :meth:`compute_model`; the smashed tensors come back on the CPU."""
+        if not self.on_copy:
+            return self.model.smash(inputs)
+        smashed = self.compute_model().smash(self.to_compute(inputs))
+        return {k: v.to("cpu") for k, v in smashed.items()}
+
+    def probe(
+        self,
+        estimator: str,
+        inputs: Inputs,
+        lam: torch.Tensor,
+        seeds: Sequence[int],
+        mu: float,
+        anchor: float | None,
+        distribution: str,
+    ) -> list[float]:
+        """HO-SFL's probe scalars (:func:`~hosfl_flower.zo.probe_scalars`) of ``θ_c`` on ``inputs``.
+
+        On a device copy, ``forward`` and ``central`` perturb the canonical CPU ``θ_c`` exactly as a CPU
+        node does and run each forward on the copy refreshed from it (one host-to-device copy of ``θ_c``
+        per forward); ``jvp`` runs on the copy, its directions drawn on the CPU and moved. ``⟨λ, ·⟩`` is
+        folded on the device; only the scalars come back.
+        """
+        if not self.on_copy:
+            forward = lambda: self.model.smash(inputs)["z"]  # noqa: E731 - the estimators take a callable
+            return probe_scalars(estimator, forward, self.model.client, lam, seeds, mu, anchor=anchor, distribution=distribution)
+        work = self.device_copy()
+        model, on_device, lam = work.pull(), work.to_device(inputs), lam.to(work.device)
+        if estimator == "jvp":
+            forward, module = (lambda: model.smash(on_device)["z"]), model.client
+        else:
+            forward, module = (lambda: work.pull().smash(on_device)["z"]), self.model.client
+        return probe_scalars(estimator, forward, module, lam, seeds, mu, anchor=anchor, distribution=distribution)
+
     # ----------------------------------------------------------------- data and scratch
     def draw_batch(self, server_round: int, step: int | None = None) -> Examples:
         """This node's minibatch of a round (and local step): the same on every run with the same seed."""
@@ -210,17 +364,19 @@ class HOSFLClient(NumPyClient):
         self.set_parameters(parameters)
         steps, lr = int(config.get("local-steps", 1)), float(config.get("lr", 0.05))
         server_round = int(config.get("server-round", 0))
-        optimizer = torch.optim.SGD(self.model.parameters(), lr=lr)
-        self.model.train()
+        model = self.compute_model(whole=True)
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        model.train()
         total = 0.0
         for step in range(steps):
             batch = self.draw_batch(server_round, step)
             optimizer.zero_grad(set_to_none=True)
-            loss = self.model.loss(self.model(batch.inputs), batch.labels)
+            loss = model.loss(model(self.to_compute(batch.inputs)), self.to_compute(batch.labels))
             loss.backward()
             optimizer.step()
-            total += float(loss)
-        self.model.eval()
+            total += float(loss.detach())
+        model.eval()
+        self.commit(whole=True)
         return self.get_parameters({}), len(self.train), {"train-loss": total / max(steps, 1)}
 
     def evaluate(self, parameters, config):

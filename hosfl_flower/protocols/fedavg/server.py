@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ...split_server import RaySplitServer
 from ..aggregation import state_distance
 from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from .config import FedAvgSettings
@@ -47,6 +46,6 @@ class FedAvgServer(ProtocolServer[FedAvgSettings]):
         return metrics
 
     def share_server_weights(self) -> None:
-        """Give the averaged ``θ_s`` to a split server that holds its own copy (a Ray actor)."""
-        if isinstance(self.split_server, RaySplitServer):
+        """Give the averaged ``θ_s`` to a split server that holds its own copy (a device, a Ray actor)."""
+        if getattr(self.split_server, "detached", False):
             self.split_server.load_state({**self.split_server.state(), "weights": self.model.server.state_dict()})

@@ -34,31 +34,34 @@ def local_training(client: HOSFLClient, request: HeronRequest, server_round: int
 
     Step ``i``'s direction is seeded by ``(seed, partition, round, i)``; its estimate is
     ``(ℓ(θ + μu) − ℓ(θ)) / μ · u``. The unperturbed pass's smashed batch of every ``k``-th step is kept.
-    Returns the kept batches by step and the trained head; the (shared) model holds the trained ``θ_c``.
+    Returns the kept batches by step and the trained head (on the CPU); the (shared) model holds the
+    trained ``θ_c``. On a device copy the whole local training runs there and ``θ_c`` is committed back.
     """
-    model, optimizer = client.model, SGD()
+    model, optimizer = client.compute_model(), SGD()
     head: AuxHead | None = None
     params: list[torch.Tensor] = []
     kept: dict[int, SmashedBatch] = {}
     for step in range(request.local_steps):
         batch = client.draw_batch(server_round, step)
-        smashed = model.smash(batch.inputs)
+        inputs, labels = client.to_compute(batch.inputs), client.to_compute(batch.labels)
+        smashed = model.smash(inputs)
         if head is None:
-            head = received_head(request, smashed["z"], model.num_classes)
+            head = received_head(request, smashed["z"], model.num_classes).to(smashed["z"].device)
             params = [*model.client_parameters(), *trainable_parameters(head)]
-        mask = batch.inputs.get("attention_mask")
-        loss0 = float(model.loss(head(smashed["z"], mask), batch.labels))
+        mask = inputs.get("attention_mask")
+        loss0 = float(model.loss(head(smashed["z"], mask), labels))
         if (step + 1) % request.upload_every == 0:
-            kept[step] = SmashedBatch(smashed, batch.labels)
+            kept[step] = SmashedBatch({k: v.to("cpu") for k, v in smashed.items()}, batch.labels)
         seed = mix_seed(client.settings.seed, client.settings.partition_id, server_round, step, DIRECTION_SALT)
         perturb_(params, seed, request.mu)
         try:
-            loss1 = float(model.loss(head(model.smash(batch.inputs)["z"], mask), batch.labels))
+            loss1 = float(model.loss(head(model.smash(inputs)["z"], mask), labels))
         finally:
             perturb_(params, seed, -request.mu)
         apply_entry(params, optimizer, LedgerEntry(step, (seed,), (loss1 - loss0,), request.lr, request.mu))
     assert head is not None  # a request has at least one local step
-    return kept, head
+    client.commit()
+    return kept, head.to("cpu")
 
 
 def heron(client: HOSFLClient, request: HeronRequest, server_round: int) -> HeronReply:

@@ -7,7 +7,7 @@ import time
 import torch
 
 from ...node.client import HOSFLClient
-from ...zo import dot64, needs_anchor, probe_scalars
+from ...zo import dot64, needs_anchor
 from ..messages import CatchUp, Payload, SmashedBatch
 from ..registry import Handler
 from .config import HOSFLSettings
@@ -23,7 +23,7 @@ def smash(client: HOSFLClient, request: SmashRequest, server_round: int) -> Smas
     start = time.perf_counter()
     _, applied = client.catch_up(request.catch_up)
     batch = client.draw_batch(server_round)
-    smashed = client.model.smash(batch.inputs)
+    smashed = client.smash(batch.inputs)
     client.keep("probe", (server_round,), {**{f"input.{k}": v for k, v in batch.inputs.items()}, "z": smashed["z"]})
     return SmashReply(
         client.fingerprint(), applied, SmashedBatch(smashed, batch.labels), compute_seconds=time.perf_counter() - start
@@ -48,16 +48,7 @@ def probe(client: HOSFLClient, request: ProbeRequest, server_round: int) -> Prob
     anchor = dot64(lam, z) if needs_anchor(request.estimator) else None
     del z, tensors
     client.restore()
-    scalars = probe_scalars(
-        request.estimator,
-        lambda: client.model.smash(inputs)["z"],
-        client.model.client,
-        lam,
-        request.seeds,
-        request.mu,
-        anchor=anchor,
-        distribution=request.directions,
-    )
+    scalars = client.probe(request.estimator, inputs, lam, request.seeds, request.mu, anchor, request.directions)
     return ProbeReply(list(scalars), compute_seconds=time.perf_counter() - start)
 
 

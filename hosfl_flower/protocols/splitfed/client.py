@@ -88,7 +88,7 @@ def smash(client: HOSFLClient, request: SplitFedSmashRequest, server_round: int)
     else:
         load_weights(client, server_round)
     batch = client.draw_batch(server_round, request.step)
-    smashed = client.model.smash(batch.inputs)
+    smashed = client.smash(batch.inputs)
     client.keep("splitfed", (server_round, request.step), {f"input.{k}": v for k, v in batch.inputs.items()})
     return SplitFedSmashReply(SmashedBatch(smashed, batch.labels), compute_seconds=time.perf_counter() - start)
 
@@ -103,7 +103,8 @@ def backward(client: HOSFLClient, request: SplitFedGradRequest, server_round: in
     kept = client.take("splitfed", (server_round, request.step))
     load_weights(client, server_round)
     inputs = {k[len("input.") :]: v for k, v in kept.items()}
-    client_step(client.model, inputs, request.activation_grad, request.lr)
+    client_step(client.compute_model(), client.to_compute(inputs), client.to_compute(request.activation_grad), request.lr)
+    client.commit()  # a device step's θ_c becomes the node's canonical CPU θ_c
     weights = None
     if request.last:
         weights = {k: v.clone() for k, v in client.model.client_state().items()}

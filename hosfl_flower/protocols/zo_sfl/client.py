@@ -24,14 +24,14 @@ def zo_smash(client: HOSFLClient, request: ZOSmashRequest, server_round: int) ->
     start = time.perf_counter()
     _, applied = client.catch_up(request.catch_up)
     batch = client.draw_batch(server_round)
-    smashed = client.model.smash(batch.inputs)
+    smashed = client.smash(batch.inputs)
     fp = client.fingerprint()
-    params = client.model.client_parameters()
+    params = client.model.client_parameters()  # the canonical θ_c, perturbed on the CPU
     perturbed = []
     for seed in request.seeds:
         perturb_(params, seed, request.mu)
         try:
-            perturbed.append(client.model.smash(batch.inputs)["z"])
+            perturbed.append(client.smash(batch.inputs)["z"])
         finally:
             perturb_(params, seed, -request.mu)
     return ZOSmashReply(fp, applied, SmashedBatch(smashed, batch.labels), perturbed, compute_seconds=time.perf_counter() - start)
