@@ -4,6 +4,7 @@ Flower dropped its own ``flower-simulation`` after 1.26; this one keeps its usag
 ``flower-simulation --app hosfl_flower.app --num-supernodes 10 --run-config "num-server-rounds=5"``.
 ``--app`` takes a module path (a module with ``build_apps(overrides)`` or ``server_app`` /
 ``client_app``) or an app directory (its ``pyproject.toml`` names the components).
+``--num-cpus-per-client`` / ``--num-gpus-per-client`` are Flower's ``client_resources`` of each ClientApp actor.
 """
 
 from __future__ import annotations
@@ -90,6 +91,12 @@ def _read_overrides(item: str) -> dict[str, Any]:
     return parse_run_config_overrides(item)
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     parser = argparse.ArgumentParser(prog="flower-simulation", description=__doc__.splitlines()[0])
@@ -102,10 +109,24 @@ def main(argv: list[str] | None = None) -> int:
         help='overrides, e.g. "num-server-rounds=5 zo.mu=0.001", or a TOML file of them; repeatable (later wins)',
     )
     parser.add_argument("--num-cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp actor")
+    parser.add_argument(
+        "--num-gpus-per-client",
+        type=float,
+        default=0.0,
+        help="Ray GPUs per ClientApp actor (a fraction shares one GPU, e.g. 0.25; pair it with client.device=cuda)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be >= 1")
+    if not args.num_gpus_per_client >= 0.0:
+        parser.error("--num-gpus-per-client must be >= 0")
+    if args.num_gpus_per_client > 0.0 and not _cuda_available():
+        print(
+            f"flower-simulation: --num-gpus-per-client {args.num_gpus_per_client:g}: CUDA is not available on this machine",
+            file=sys.stderr,
+        )
+        return 2
     try:
         _import_app(args.app)
         overrides: dict[str, Any] = {}
@@ -122,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         server_app=server_app,
         client_app=client_app,
         num_supernodes=args.num_supernodes,
-        backend_config={"client_resources": {"num_cpus": args.num_cpus_per_client, "num_gpus": 0.0}},
+        backend_config={"client_resources": {"num_cpus": args.num_cpus_per_client, "num_gpus": args.num_gpus_per_client}},
         verbose_logging=args.verbose,
     )
     return 0
