@@ -180,6 +180,10 @@ REFUSALS = [
     ("hosfl", "state a list", lambda c: c.update(state=[]), "state is a list, expected dict"),
     ("hosfl", "a part missing", lambda c: del_key(c["state"], "schedule"), "checkpoint lacks schedule"),
     ("hosfl", "an unknown part", lambda c: c["state"].update(extra=1), "unexpected parts ['extra']"),
+    ("hosfl", "reply-bound a dict", lambda c: c["state"].update({"reply-bound": {}}), "reply-bound is a dict, expected list"),
+    ("hosfl", "reply-bound NaN", lambda c: c["state"].update({"reply-bound": [float("nan")]}), "reply-bound size is nan"),
+    ("hosfl", "reply-bound negative", lambda c: c["state"].update({"reply-bound": [-1.0]}), "must be >= 0"),
+    ("hosfl", "reply-bound too long", lambda c: c["state"].update({"reply-bound": [1.0] * 9}), "at most 8 are kept"),
     # segments
     ("hosfl", "server a list", lambda c: c["state"].update(server=[]), "checkpoint's server is a list, expected a dict"),
     ("hosfl", "server weights a list", lambda c: c["state"]["server"].update(weights=[]), "server segment is a list"),
@@ -395,6 +399,19 @@ def test_a_checkpoint_of_a_short_run_passes_every_check_and_loads(name, tmp_path
     assert strategy.resume() == SAVED_ROUND
     assert same(strategy.checkpoint_state()["client"], content["state"]["client"])
     assert [row["round"] for row in strategy.history] == [1, 2]
+    # the reply bound remembers what it had accepted, so a resumed run rejects what the uninterrupted one would
+    saved = content["state"]["reply-bound"]
+    assert list(strategy.protocol.reply_bound.history) == saved
+    assert saved or name == "frozen-client"  # the frozen client has no replies the bound sizes
+
+
+def test_a_checkpoint_without_the_reply_bound_history_loads_with_an_empty_one(tmp_path, tmp_path_factory):
+    run = short_run("hosfl", tmp_path_factory)
+    content = copy.deepcopy(run.content)
+    del content["state"]["reply-bound"]  # as an earlier version wrote it
+    save_checkpoint(tmp_path, content["round"], content["config"], content["state"])
+    strategy = target(run, tmp_path)
+    assert strategy.resume() == SAVED_ROUND and not strategy.protocol.reply_bound.history
 
 
 def test_the_server_given_as_a_list_is_a_checkpoint_error_not_an_attribute_error(tmp_path, tmp_path_factory):

@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from ..split_server import RaySplitServer, SplitServer
 
 STATE_KEYS = ("server", "client", "schedule", "torch-rng", "history", "evaluations", "skipped-in-a-row", "protocol")
+OPTIONAL_STATE_KEYS = ("reply-bound",)
+"""Parts a checkpoint of an earlier version may lack (``reply-bound``: the accepted reply sizes the bound
+compares with; without it a resumed run's bound starts with no history)."""
 
 
 class CheckpointMixin:
@@ -71,6 +74,7 @@ class CheckpointMixin:
             "evaluations": {int(r): dict(m) for r, m in self.evaluations.items()},
             "skipped-in-a-row": self.skipped_in_a_row,
             "protocol": self.protocol.state(),
+            "reply-bound": list(self.protocol.reply_bound.history),
         }
 
     def check_checkpoint_state(self, state: Any, saved_round: int | None = None) -> None:
@@ -84,7 +88,7 @@ class CheckpointMixin:
         missing = [key for key in STATE_KEYS if key not in state]
         if missing:
             raise CheckpointError(f"checkpoint lacks {', '.join(missing)}")
-        unexpected = sorted(set(state) - set(STATE_KEYS), key=str)
+        unexpected = sorted(set(state) - set(STATE_KEYS) - set(OPTIONAL_STATE_KEYS), key=str)
         if unexpected:
             raise CheckpointError(f"checkpoint has unexpected parts {unexpected[:3]}")
         check_tensors("client segment", state["client"], self.model.client_state())
@@ -95,6 +99,8 @@ class CheckpointMixin:
         check_number("checkpoint's skipped-in-a-row", state["skipped-in-a-row"], integer=True, minimum=0)
         if saved_round is not None and state["skipped-in-a-row"] > saved_round:
             raise CheckpointError(f"checkpoint's skipped-in-a-row is {state['skipped-in-a-row']}, after {saved_round} rounds")
+        if "reply-bound" in state:
+            self.check_reply_bound_state(state["reply-bound"])
         protocol = state["protocol"]
         if not isinstance(protocol, Mapping):
             raise CheckpointError(f"checkpoint's {self.protocol.name} state is {type_name(protocol)}, expected a dict")
@@ -126,6 +132,15 @@ class CheckpointMixin:
             self.cfg["server.weight-decay"],
         )
         check_optimizer_state("server optimizer", server["optimizer"], optimizer, params)
+
+    def check_reply_bound_state(self, sizes: Any) -> None:
+        """The reply bound's history: at most its length of finite sizes >= 0."""
+        check_type("checkpoint's reply-bound", sizes, list)
+        limit = self.protocol.reply_bound.history.maxlen
+        if limit is not None and len(sizes) > limit:
+            raise CheckpointError(f"checkpoint's reply-bound holds {len(sizes)} sizes, at most {limit} are kept")
+        for size in sizes:
+            check_number("checkpoint's reply-bound size", size, minimum=0)
 
     def check_schedule_state(self, schedule: Any) -> None:
         """The schedule's generator state, set on a scratch schedule (never on this run's)."""
@@ -177,6 +192,8 @@ class CheckpointMixin:
         self.evaluations = {int(r): dict(m) for r, m in state["evaluations"].items()}
         self.skipped_in_a_row = int(state["skipped-in-a-row"])
         self.protocol.load_state(state["protocol"])
+        self.protocol.reply_bound.history.clear()
+        self.protocol.reply_bound.history.extend(float(size) for size in state.get("reply-bound", ()))
 
     def save_checkpoint(self, server_round: int) -> None:
         """Write the checkpoint of ``server_round`` to ``checkpoint-dir`` (atomically)."""
