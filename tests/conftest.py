@@ -67,8 +67,10 @@ def run_simulation_cli(args: list[str], timeout: float = 600) -> subprocess.Comp
 ONE_ACTOR = ["--num-cpus-per-client", "2"]
 """``flower-simulation`` arguments for one ClientApp actor on the 2-core CI machine instead of two (every actor
 costs about 6 CPU seconds to start). For the runs that test fault handling and kill-and-resume (whose resumed
-run starts fresh processes anyway), not that a node's state survives moving between processes: the exactness
-runs against the reference loop (test_strategies.py, test_simulation.py, ...) keep the default, two."""
+run starts fresh processes anyway), and the exactness runs of protocols whose nodes keep no state from one
+message to the next (FedAvg, the frozen client, test_protocol_plugin.py's toy protocol): not that a node's state
+survives moving between processes. The other exactness runs against the reference loop (test_strategies.py,
+test_simulation.py, ...) keep the default, two."""
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """One byzantine node of the 3 sampled every round (``faults.byzantine-partition``): in Flower simulation
-for HO-SFL (here) and ZO-SFL, SplitFed V2 and HERON-SFL (test_strategies.py) the attack is applied and
+for HO-SFL (test_workloads.py::test_flower_applies_and_defends_the_attack_as_the_reference_loop, in the
+tiny-resnet run it shares) and ZO-SFL, SplitFed V2 and HERON-SFL (test_strategies.py) the attack is applied and
 defended exactly as in the in-process reference loop; there, over a longer run, the mean never lets a non-finite value in nor
 aborts, and a robust rule keeps the accuracy near the run without the attacker.
 
@@ -16,8 +17,6 @@ import torch
 
 from hosfl_flower.reference import run_reference
 
-from .conftest import assert_equal_to_reference, load_results
-
 PROTOCOLS = ("hosfl", "zo-sfl", "splitfed-v2", "heron-sfl")
 ATTACK = {"faults.byzantine-partition": 2, "faults.byzantine-mode": "mixed"}
 ROUNDS = 100  # long enough for the attacked runs to reach the clean runs' plateau (BENCHMARKS.md, "Bad nodes")
@@ -31,21 +30,6 @@ MEAN_ROUNDS = 30
 
 def _finite(model) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
-
-
-@pytest.mark.slow
-def test_flower_applies_and_defends_the_attack_as_the_reference_loop(simulate):
-    """HO-SFL here; ZO-SFL's, SplitFed V2's and HERON-SFL's Flower runs with the same attacker are
-    test_strategies.py's exactness runs."""
-    overrides = "num-server-rounds=4 eval-every=4 aggregation.rule='median' "
-    overrides += "faults.byzantine-partition=2 faults.byzantine-mode='mixed'"
-    _, results = simulate(overrides, num_supernodes=3)
-    final, rows, _ = load_results(results)
-    assert [row.get("skipped", 0) for row in rows] == [0, 0, 0, 0]
-    bounded = {row["round"] for row in rows if row.get("rejected.out-of-bound")}
-    assert {1, 3} <= bounded, rows  # the huge replies of the odd rounds (a flipped one may be rejected too)
-    assert all(bool(torch.isfinite(t).all()) for segment in ("client", "server") for t in final[segment].values())
-    assert_equal_to_reference(final, rows, 3)
 
 
 def _run(strategy: str, rounds: int, overrides: dict) -> tuple[float, float, bool, int]:

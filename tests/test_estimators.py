@@ -321,9 +321,10 @@ SIMULATED = "num-server-rounds=6 clients-per-round=3 eval-every=3 seed=3"
 
 
 # The jvp run also carries test_simulation.py's former Ray-placement check: the split server in its own Ray
-# actor, with an AdamW client, equals the reference loop bit for bit and every node ends in sync.
+# actor, with an AdamW client, equals the reference loop bit for bit and every node ends in sync. The central
+# estimator with Rademacher directions runs in test_simulation.py's Flower run
+# (test_flower_run_with_the_central_estimator_and_rademacher_directions_is_bit_identical), which it shares.
 VARIANTS = {
-    "central-rademacher": "zo.estimator='central' zo.directions='rademacher'",
     "jvp-ray-placement-adamw": "zo.estimator='jvp' split-server.placement='ray' client.optimizer='adamw' client.lr=0.001",
 }
 

@@ -16,6 +16,8 @@ from .conftest import BIN, ROOT, subprocess_env
 
 pytestmark = pytest.mark.slow
 
+ONE_ACTOR = "client-resources-num-cpus=2"
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -92,22 +94,24 @@ def test_flwr_run_completes_and_a_bad_value_fails_with_its_message(flwr, tmp_pat
     # depend on the strategy: HO-SFL and one baseline (FedAvg, the protocol least like it) run here. Every
     # protocol's own Flower run is in test_strategies.py::test_flower_run_equals_the_reference_loop (through
     # flower-simulation, which loads the same ServerApp and ClientApp, and equal to the reference loop).
+    # One ClientApp actor per run (client-resources-num-cpus=2 on the 2-core CI machine; every actor costs about
+    # 6 CPU seconds to start): these runs test the `flwr run` layer, not that a node's state moves between processes.
     results = tmp_path / "results"
     hosfl = _submit(
         flwr,
         "--federation-config",
-        "num-supernodes=6",
+        f"num-supernodes=6 {ONE_ACTOR}",
         "-c",
         f"num-server-rounds=4 eval-every=2 results-dir='{results}'",
     )
     baseline = _submit(
         flwr,
         "--federation-config",
-        "num-supernodes=4",
+        f"num-supernodes=4 {ONE_ACTOR}",
         "-c",
         f"strategy='fedavg' num-server-rounds=2 eval-every=2 results-dir='{tmp_path / 'fedavg'}'",
     )
-    bad = _submit(flwr, "-c", "zo.num-perturbations=-1")
+    bad = _submit(flwr, "--federation-config", f"num-supernodes=2 {ONE_ACTOR}", "-c", "zo.num-perturbations=-1")
 
     run = _wait(flwr, hosfl)
     assert run["status"] == "finished:completed", run

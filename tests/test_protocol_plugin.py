@@ -13,9 +13,9 @@ its own minibatch rule.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -128,30 +128,53 @@ def build_apps(overrides=None):
     return package_build_apps(overrides, strategy_class=EqualWeights, client_class=FirstExamples)
 
 
-SIMULATED = "strategy='toy-stats' toy.scale=2.0 num-server-rounds=3 clients-per-round=2 eval-every=3 final-sync=false"
+# One Flower run that both tests read: 4 nodes, every one sampled each round, partition 0 lying (NaN counts), so
+# each round has 3 valid replies, from partitions 1-3 (FirstExamples: 4, 5 and 6 examples). One ClientApp actor:
+# the toy protocol keeps no node state, so there is no state to carry between processes.
+SIMULATED = (
+    "strategy='toy-stats' toy.scale=2.0 num-server-rounds=3 clients-per-round=4 min-replies=3 eval-every=3 "
+    "final-sync=false faults.nan-partition=0"
+)
 
 
-@pytest.fixture
-def simulate_plugin(simulate, monkeypatch):
-    monkeypatch.setenv(
-        "PYTHONPATH", os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])
+@pytest.fixture(scope="module")
+def plugin_run(tmp_path_factory):
+    """``flower-simulation --app tests.test_protocol_plugin`` (this module on the server and in the Ray actor):
+    the run's (final model, rows, summary)."""
+    from .conftest import BIN, ONE_ACTOR, ROOT, load_results, subprocess_env
+
+    results = tmp_path_factory.mktemp("plugin") / "results"
+    process = subprocess.run(
+        [
+            str(BIN / "flower-simulation"),
+            "--app",
+            "tests.test_protocol_plugin",
+            "--num-supernodes",
+            "4",
+            *ONE_ACTOR,
+            "--run-config",
+            f"{SIMULATED} results-dir='{results}'",
+        ],
+        cwd=ROOT,
+        env=subprocess_env(PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    return lambda overrides, num_supernodes=4, extra_args=(): simulate(
-        overrides, num_supernodes=num_supernodes, app="tests.test_protocol_plugin", extra_args=extra_args
-    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    return load_results(results)
 
 
 @pytest.mark.slow
-def test_a_protocol_from_a_test_file_runs_in_flower_and_in_the_reference_loop(simulate_plugin):
+def test_a_protocol_from_a_test_file_runs_in_flower_and_in_the_reference_loop(plugin_run):
     from hosfl_flower.reference import run_reference
 
-    from .conftest import assert_equal_to_reference, load_results
+    from .conftest import assert_equal_to_reference
 
-    _, results = simulate_plugin(SIMULATED)
-    final, rows, summary = load_results(results)
+    final, rows, summary = plugin_run
     assert summary["strategy"] == NAME and len(rows) == 3
     assert all(row["bytes.scalars_up"] > 0 and row["bytes.seeds_and_ledger_down"] > 0 for row in rows)  # accounted as declared
-    assert all(row["samples"] <= 2 * 6 for row in rows)  # FirstExamples ran on the nodes (3..6 examples each)
+    assert all(row["samples"] == 4 + 5 + 6 for row in rows)  # FirstExamples ran on the nodes (partition + 3 examples each)
     reference = assert_equal_to_reference(final, rows, 4, hooks=EqualWeightsHooks(), client_class=FirstExamples)
     assert [r["toy-mean"] for r in rows] == [r["toy-mean"] for r in reference.history]
     # the user's aggregation weights took effect: the default weights (by examples) end elsewhere
@@ -161,9 +184,6 @@ def test_a_protocol_from_a_test_file_runs_in_flower_and_in_the_reference_loop(si
 
 
 @pytest.mark.slow
-def test_its_replies_are_validated_and_a_lying_node_is_rejected(simulate_plugin):
-    from .conftest import ONE_ACTOR, load_results
-
-    _, results = simulate_plugin(f"{SIMULATED} faults.nan-partition=0 clients-per-round=4 min-replies=3", extra_args=ONE_ACTOR)
-    _, rows, _ = load_results(results)
+def test_its_replies_are_validated_and_a_lying_node_is_rejected(plugin_run):
+    _, rows, _ = plugin_run
     assert all(row["rejected.non-finite"] == 1 and not row.get("skipped") for row in rows)

@@ -1,5 +1,6 @@
 """The papers' workloads in the small: a Hugging Face image classifier (``tiny-resnet``) on an image
-dataset saved to disk learns with HO-SFL and runs in Flower exactly as in the reference loop; a tiny
+dataset saved to disk learns with HO-SFL and runs in Flower exactly as in the reference loop (with
+test_byzantine.py's attacker: HO-SFL's Flower run under attack is this run); a tiny
 transformer takes a real-format local text dataset with its own tokenizer; every example run config
 resolves."""
 
@@ -16,7 +17,7 @@ from hosfl_flower.config import resolve_run_config
 from hosfl_flower.reference import run_reference
 from hosfl_flower.task import server_model_and_test
 
-from .conftest import ROOT, assert_equal_to_reference, load_results
+from .conftest import ROOT, assert_equal_to_reference, load_results, run_simulation_cli
 
 EXAMPLES = sorted((ROOT / "examples").rglob("*.toml"))
 
@@ -127,11 +128,27 @@ def test_hosfl_learns_an_image_task_on_tiny_resnet(digit_images, seed):
     assert any(not torch.equal(v, model.client_state()[k]) for k, v in result.model.client_state().items())
 
 
+# HO-SFL's Flower run under attack (test_byzantine.py's) is this one: partition 2 of the 3 nodes, all sampled every
+# round, is byzantine (``mixed``: in-bound huge scalars on the odd rounds, sign-flipped ones on the even rounds) and
+# the median combines the replies; the reply bound rejects the huge ones. One Flower run for both checks.
+ATTACKED = "aggregation.rule='median' faults.byzantine-partition=2 faults.byzantine-mode='mixed'"
+
+
+@pytest.fixture(scope="module")
+def resnet_run(digit_images, tmp_path_factory):
+    """The tiny-resnet run in Flower: (process, final model, rows, summary)."""
+    results = tmp_path_factory.mktemp("resnet") / "results"
+    overrides = f"model='tiny-resnet' cut-layer=2 dataset='{digit_images}' num-server-rounds=3 eval-every=3 seed=2 {ATTACKED}"
+    process = run_simulation_cli(
+        ["--app", "hosfl_flower.app", "--num-supernodes", "3", "--run-config", f"{overrides} results-dir='{results}'"]
+    )
+    assert process.returncode == 0, process.stdout[-3000:] + process.stderr[-3000:]
+    return (process, *load_results(results))
+
+
 @pytest.mark.slow
-def test_flower_run_on_tiny_resnet_equals_the_reference_loop(simulate, digit_images):
-    overrides = f"model='tiny-resnet' cut-layer=2 dataset='{digit_images}' num-server-rounds=3 eval-every=3 seed=2"
-    process, results = simulate(overrides, num_supernodes=3)
-    final, rows, summary = load_results(results)
+def test_flower_run_on_tiny_resnet_equals_the_reference_loop(resnet_run):
+    process, final, rows, summary = resnet_run
     # the ServerApp says once what it built; no ClientApp repeats it, and no library table is printed
     output = process.stdout + process.stderr
     assert output.count("built tiny-resnet (ResNetForImageClassification) from its tiny configuration") == 1, output[-3000:]
@@ -139,6 +156,18 @@ def test_flower_run_on_tiny_resnet_equals_the_reference_loop(simulate, digit_ima
     assert len(rows) == 3 and summary["final"]["final-sync-mismatches"] == 0
     reference = assert_equal_to_reference(final, rows, 3)
     assert len(reference.ledger) == 3
+
+
+@pytest.mark.slow
+def test_flower_applies_and_defends_the_attack_as_the_reference_loop(resnet_run):
+    """test_byzantine.py's HO-SFL Flower run (ZO-SFL's, SplitFed V2's and HERON-SFL's are test_strategies.py's
+    exactness runs); equal to the reference loop: the test above."""
+    _, final, rows, _ = resnet_run
+    assert [row.get("skipped", 0) for row in rows] == [0, 0, 0]
+    bounded = {row["round"] for row in rows if row.get("rejected.out-of-bound")}
+    assert {1, 3} <= bounded, rows  # the huge replies of the odd rounds (a flipped one may be rejected too)
+    assert all(bool(torch.isfinite(t).all()) for segment in ("client", "server") for t in final[segment].values())
+    assert dict(final["config"])["aggregation.rule"] == "median"
 
 
 # ----------------------------------------------------------------------------- a local text dataset
