@@ -4,7 +4,8 @@ Flower dropped its own ``flower-simulation`` after 1.26; this one keeps its usag
 ``flower-simulation --app hosfl_flower.app --num-supernodes 10 --run-config "num-server-rounds=5"``.
 ``--app`` takes a module path (a module with ``build_apps(overrides)`` or ``server_app`` /
 ``client_app``) or an app directory (its ``pyproject.toml`` names the components).
-``--num-cpus-per-client`` / ``--num-gpus-per-client`` are Flower's ``client_resources`` of each ClientApp actor.
+``--num-cpus-per-client`` / ``--num-gpus-per-client`` are Flower's ``client_resources`` of each ClientApp actor;
+``--num-cpus`` caps the CPUs Ray shares among the actors (default: every CPU of the machine).
 """
 
 from __future__ import annotations
@@ -115,10 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="Ray GPUs per ClientApp actor (a fraction shares one GPU, e.g. 0.25; pair it with client.device=cuda)",
     )
+    parser.add_argument(
+        "--num-cpus",
+        type=int,
+        help="CPUs Ray gives the ClientApp actors (default: every CPU; hosfl compare --jobs gives each run its share)",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     if args.num_supernodes < 1:
         parser.error("--num-supernodes must be >= 1")
+    if args.num_cpus is not None and args.num_cpus < 1:
+        parser.error("--num-cpus must be >= 1")
     if not args.num_gpus_per_client >= 0.0:
         parser.error("--num-gpus-per-client must be >= 0")
     if args.num_gpus_per_client > 0.0 and not _cuda_available():
@@ -139,11 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": args.num_cpus_per_client, "num_gpus": args.num_gpus_per_client}
+    }
+    if args.num_cpus is not None:
+        backend_config["init_args"] = {"num_cpus": args.num_cpus}
     run_simulation(
         server_app=server_app,
         client_app=client_app,
         num_supernodes=args.num_supernodes,
-        backend_config={"client_resources": {"num_cpus": args.num_cpus_per_client, "num_gpus": args.num_gpus_per_client}},
+        backend_config=backend_config,
         verbose_logging=args.verbose,
     )
     return 0

@@ -3,6 +3,7 @@ processed samples, and the per-protocol round costs."""
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -308,6 +309,28 @@ def test_round_costs_per_protocol():
     }
     assert rounds_for_budget("hosfl", config, 48) == 2 and rounds_for_budget("hosfl", config, 49) == 3
     assert rounds_for_budget("heron-sfl", config, 1) == 1 and math.ceil(1000 / 120) == rounds_for_budget("fedavg", config, 1000)
+
+
+def test_runs_at_the_same_time_share_the_cpus_and_flower_simulation_takes_the_share(monkeypatch):
+    """``--jobs N`` gives each of the N runs ``flower-simulation --num-cpus`` of an equal share (the fixture's
+    ``--jobs 2`` runs on the 2-core CI machine take one CPU each, so one ClientApp actor each)."""
+    import flwr.simulation
+
+    from hosfl_flower import cli, compare
+
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # what cli.main sets, undone after the test
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert [compare.cpus_per_run(jobs) for jobs in (1, 2, 3, 16, 40)] == [None, 8, 5, 1, 1]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert compare.cpus_per_run(2) == 1
+    seen = {}
+    monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["--app", "hosfl_flower.app", "--num-supernodes", "2", "--num-cpus", "1"]) == 0
+    assert seen["backend_config"]["init_args"] == {"num_cpus": 1}
+    assert cli.main(["--app", "hosfl_flower.app", "--num-supernodes", "2"]) == 0
+    assert "init_args" not in seen["backend_config"]  # every CPU, as before
+    with pytest.raises(SystemExit):
+        cli.main(["--app", "hosfl_flower.app", "--num-cpus", "0"])
 
 
 @pytest.mark.parametrize(
