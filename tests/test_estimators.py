@@ -1,4 +1,4 @@
-"""Estimator variants (forward, central, jvp) and Rademacher directions: maths, replay, and Flower runs."""
+"""Estimator variants (forward, central, jvp) and Rademacher directions: maths and replay (their Flower runs: below)."""
 
 import math
 
@@ -14,7 +14,6 @@ from hosfl_flower.protocols.hosfl import client as handlers
 from hosfl_flower.protocols.hosfl.messages import ProbeRequest
 from hosfl_flower.protocols.hosfl.sync import ledger_from_rows
 from hosfl_flower.records import ledger_to_record, record_to_ledger
-from hosfl_flower.reference import run_reference
 from hosfl_flower.task import server_model_and_test
 from hosfl_flower.zo import (
     DISTRIBUTIONS,
@@ -34,7 +33,6 @@ from hosfl_flower.zo import (
     transient_direction,
 )
 
-from .conftest import assert_equal_to_reference, load_results
 from .test_client import make_client, smash
 
 
@@ -317,28 +315,8 @@ def test_client_probe_uses_the_estimator_and_directions_it_is_sent(estimator, di
 
 
 # --------------------------------------------------------------------------- Flower runs against the reference loop
-SIMULATED = "num-server-rounds=6 clients-per-round=3 eval-every=3 seed=3"
-
-
-# The jvp run also carries test_simulation.py's former Ray-placement check: the split server in its own Ray
-# actor, with an AdamW client, equals the reference loop bit for bit and every node ends in sync. The central
-# estimator with Rademacher directions runs in test_simulation.py's Flower run
-# (test_flower_run_with_the_central_estimator_and_rademacher_directions_is_bit_identical), which it shares.
-VARIANTS = {
-    "jvp-ray-placement-adamw": "zo.estimator='jvp' split-server.placement='ray' client.optimizer='adamw' client.lr=0.001",
-}
-
-
-@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
-@pytest.mark.slow
-def test_flower_run_with_an_estimator_variant_is_bit_identical_to_the_reference(simulate, variant):
-    _, results = simulate(f"{SIMULATED} {variant}", num_supernodes=10)
-    final, rows, summary = load_results(results)
-    assert len(rows) == 6 and all(r["probe-replies"] == 3 for r in rows)
-    reference = assert_equal_to_reference(final, rows, 10)
-    config = dict(final["config"])
-    assert all(e.directions == config["zo.directions"] for e in reference.ledger) and len(reference.ledger) == 6
-    assert summary["final"] == {"final-sync-nodes": 10, "final-sync-mismatches": 0, "ledger-entries": 6}
-    # the variant changed the training: the default estimator and directions end elsewhere
-    default = run_reference({**config, "zo.estimator": "forward", "zo.directions": "gaussian"}, 10).model
-    assert not torch.equal(default.client.state_dict()["0.0.weight"], final["client"]["0.0.weight"])
+# Each estimator variant's Flower run equals the reference loop bit for bit in a Flower run it shares: the central
+# difference with Rademacher directions in test_simulation.py's run
+# (test_flower_run_with_the_central_estimator_and_rademacher_directions_is_bit_identical), the jvp estimator, with
+# the split server in its own Ray actor and an AdamW client, in test_flwr_run.py's HO-SFL run
+# (test_flower_run_with_an_estimator_variant_is_bit_identical_to_the_reference).

@@ -76,7 +76,10 @@ def test_a_run_that_cannot_make_progress_stops_with_a_clear_error(tmp_path):
     assert [row["skipped"] for row in rows] == [1, 1]
 
 
-RESUME_CONFIG = "num-server-rounds=24 eval-every=2 checkpoint-every=4 client.optimizer='adamw' client.lr=0.001 seed=3"
+RESUME_ROUNDS = 12  # checkpoints after rounds 4, 8 and 12: killed after the first, resumed for the other two
+RESUME_CONFIG = (
+    f"num-server-rounds={RESUME_ROUNDS} eval-every=2 checkpoint-every=4 client.optimizer='adamw' client.lr=0.001 seed=3"
+)
 
 
 def _kill_after_first_checkpoint(checkpoints, results):
@@ -140,25 +143,25 @@ def resumed_run(tmp_path_factory):
 @pytest.mark.slow
 def test_killed_run_resumes_bit_identical_to_the_uninterrupted_run(resumed_run):
     killed_at, process, directory = resumed_run
-    assert 4 <= killed_at < 24
+    assert 4 <= killed_at < RESUME_ROUNDS
     assert process.returncode == 0, process.stderr[-3000:]
     assert f"resumed from the checkpoint of round {killed_at}" in process.stdout + process.stderr
     final, rows, summary = load_results(directory / "results")
     # The uninterrupted run is the in-process reference loop, which an uninterrupted Flower run equals bit for bit
-    # (test_simulation.py; with this AdamW client: test_ray_placement_and_adamw_client_match_the_reference). Both
+    # (test_simulation.py; with an AdamW client: test_flwr_run.py's HO-SFL run). Both
     # segments and every round's train-loss, loss, accuracy, samples, server steps and skips are compared.
     reference = assert_equal_to_reference(final, rows, 6)
-    assert [r["round"] for r in rows] == list(range(1, 25))
+    assert [r["round"] for r in rows] == list(range(1, RESUME_ROUNDS + 1))
     for row, want in zip(rows, reference.history):
         for key in ("smash-replies", "probe-replies"):
             assert row.get(key) == want.get(key), (row["round"], key)
-    assert len(reference.ledger) == 24
-    assert summary["final"] == {"final-sync-nodes": 6, "final-sync-mismatches": 0, "ledger-entries": 24}
+    assert len(reference.ledger) == RESUME_ROUNDS
+    assert summary["final"] == {"final-sync-nodes": 6, "final-sync-mismatches": 0, "ledger-entries": RESUME_ROUNDS}
 
 
 @pytest.fixture
 def saved_run(resumed_run):
-    """The last checkpoint (round 24) of the resumed run, a complete run, and a config that may resume it."""
+    """The last checkpoint (round 12) of the resumed run, a complete run, and a config that may resume it."""
     return resumed_run[2] / "checkpoints", {
         "num-server-rounds": 30,
         "eval-every": 2,
@@ -186,10 +189,11 @@ def _refused_and_unchanged(strategy, match):
 def test_a_good_checkpoint_loads_whole(saved_run):
     checkpoints, config = saved_run
     strategy = _strategy(config, checkpoints)
-    assert strategy.resume() == 24
-    assert strategy.protocol.ledger.last_round == 24 and [row["round"] for row in strategy.history] == list(range(1, 25))
-    assert strategy.protocol.sync.optimizer.state_tensors()["step"].item() == 24
-    assert set(strategy.evaluations) == {0, *range(2, 25, 2)}
+    assert strategy.resume() == RESUME_ROUNDS
+    history = [row["round"] for row in strategy.history]
+    assert strategy.protocol.ledger.last_round == RESUME_ROUNDS and history == list(range(1, RESUME_ROUNDS + 1))
+    assert strategy.protocol.sync.optimizer.state_tensors()["step"].item() == RESUME_ROUNDS
+    assert set(strategy.evaluations) == {0, *range(2, RESUME_ROUNDS + 1, 2)}
 
 
 @pytest.mark.parametrize("keep", [0.5, 0.99])

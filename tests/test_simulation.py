@@ -1,4 +1,4 @@
-"""The Flower layer through real simulation runs: exactness against the reference loop (Ray placement: test_estimators.py)."""
+"""The Flower layer through real simulation runs: exactness against the reference loop (Ray placement: test_flwr_run.py)."""
 
 import pytest
 import torch
@@ -10,8 +10,8 @@ from .conftest import assert_equal_to_reference, load_results, run_simulation_cl
 pytestmark = pytest.mark.slow
 
 ROUNDS = 12
-# The run also carries test_estimators.py's other estimator variant, the central difference with Rademacher
-# directions (its jvp variant runs there): 10 nodes, 3 a round, so the nodes that missed rounds catch up by
+# The run also carries test_estimators.py's central-difference estimator with Rademacher directions (the jvp
+# variant rides on test_flwr_run.py's HO-SFL run): 10 nodes, 3 a round, so the nodes that missed rounds catch up by
 # replaying those directions. The package-default estimator and directions go through Flower, equal to the
 # reference loop, in test_byzantine.py, test_workloads.py, test_llm.py and test_reliability.py (kill and resume).
 VARIANT = {"zo.estimator": "central", "zo.directions": "rademacher"}
@@ -68,8 +68,8 @@ def test_flower_run_with_the_central_estimator_and_rademacher_directions_is_bit_
 
 
 # Ray placement of the split server with an AdamW client (equal to the reference loop, every node in sync) runs in
-# test_estimators.py::test_flower_run_with_an_estimator_variant_is_bit_identical_to_the_reference[jvp-ray-placement-adamw],
-# which shares that Flower run with the jvp estimator's.
+# test_flwr_run.py::test_flower_run_with_an_estimator_variant_is_bit_identical_to_the_reference, which shares that
+# run (a `flwr run` submission) with the jvp estimator's check.
 
 
 # The frozen client (P = 0) through the app directory (``--app .``), moving only the server segment, runs in

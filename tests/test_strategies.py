@@ -17,14 +17,15 @@ from .conftest import ONE_ACTOR, assert_equal_to_reference, load_results
 # settings that exercise what is particular to each: SplitFed's local steps, V1's Ray copies,
 # HERON-SFL's uploads under label skew, ZO-SFL's and the frozen client's ledger.
 # ZO-SFL, SplitFed V2 and HERON-SFL run with one byzantine node of the 3 sampled every round
-# (tests/test_byzantine.py has HO-SFL's): in-bound huge values on odd rounds, which the reply bound
+# (HO-SFL's is test_workloads.py's tiny-resnet run): in-bound huge values on odd rounds, which the reply bound
 # rejects, a plausible flip on even rounds, which a robust rule combines; Flower equals the reference loop.
 BYZANTINE = "faults.byzantine-partition=2 faults.byzantine-mode='mixed'"
 EXACT = [
     ("frozen-client", "", 4),
     ("zo-sfl", f"zo.num-perturbations=3 aggregation.rule='median' {BYZANTINE}", 3),
     ("splitfed-v2", f"splitfed.local-steps=2 aggregation.rule='median' {BYZANTINE}", 3),
-    ("splitfed-v1", "splitfed.local-steps=2 split-server.placement='ray'", 4),
+    # two nodes a round: two server copies, each its own Ray actor (a process), stepped in parallel and averaged
+    ("splitfed-v1", "splitfed.local-steps=2 split-server.placement='ray' clients-per-round=2", 4),
     (
         "heron-sfl",
         f"heron.local-steps=6 heron.upload-every=2 partitioner='dirichlet' aggregation.rule='clipped-mean' {BYZANTINE}",
