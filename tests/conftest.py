@@ -17,23 +17,27 @@ BIN = Path(sys.executable).parent
 # The heaviest modules first (measured, two workers, ``--durations``): ``--dist loadscope`` hands whole
 # modules to the two xdist workers in collection order (``--no-loadscope-reorder`` in pyproject.toml), so
 # the long ones start early and the many short ones fill in at the end, and both workers finish together.
+# Modules of mostly computation (test_learning.py and test_byzantine.py run two processes each, the fuzz test,
+# the pretraining) sit between the Flower runs, which wait on Ray and message polling for part of their time,
+# so that the other worker's work fills those waits (the suite keeps both cores about 95 % busy).
 HEAVIEST_FIRST = (
     "test_strategies.py",
+    "test_learning.py",
     "test_reliability.py",
+    "test_byzantine.py",
     "test_deployment.py",
     "test_compare.py",
-    "test_byzantine.py",
-    "test_learning.py",
+    "test_fuzz_replies.py",
     "test_llm.py",
     "test_reliability_baselines.py",
-    "test_flwr_run.py",
-    "test_estimators.py",
     "test_pretrain.py",
-    "test_protocol_plugin.py",
-    "test_simulation.py",
+    "test_flwr_run.py",
     "test_workloads.py",
     "test_memory.py",
-    "test_fuzz_replies.py",
+    "test_simulation.py",
+    "test_protocol_plugin.py",
+    "test_devices.py",
+    "test_estimators.py",
     "test_checkpoint_checks.py",
 )
 
