@@ -13,7 +13,8 @@ ROUNDS = 12
 # The run also carries test_estimators.py's central-difference estimator with Rademacher directions (the jvp
 # variant rides on test_flwr_run.py's HO-SFL run): 10 nodes, 3 a round, so the nodes that missed rounds catch up by
 # replaying those directions. The package-default estimator and directions go through Flower, equal to the
-# reference loop, in test_byzantine.py, test_workloads.py, test_llm.py and test_reliability.py (kill and resume).
+# reference loop, in test_workloads.py (tiny-resnet, under attack), test_llm.py (10 nodes, 3 a round) and
+# test_reliability.py (kill and resume, 6 nodes).
 VARIANT = {"zo.estimator": "central", "zo.directions": "rademacher"}
 
 
