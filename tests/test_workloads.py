@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from flwr.common.config import flatten_dict
 
 from hosfl_flower.config import resolve_run_config
 from hosfl_flower.reference import run_reference
@@ -22,24 +23,16 @@ from .conftest import ROOT, assert_equal_to_reference, load_results, run_simulat
 EXAMPLES = sorted((ROOT / "examples").rglob("*.toml"))
 
 
-def _flatten(table: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 @pytest.mark.parametrize("path", EXAMPLES, ids=[str(p.relative_to(ROOT / "examples")) for p in EXAMPLES])
 def test_every_example_run_config_resolves(path):
-    config = resolve_run_config(_flatten(tomllib.loads(path.read_text())))
+    config = resolve_run_config(flatten_dict(tomllib.loads(path.read_text())))
     assert config["strategy"] and config["num-server-rounds"] >= 1
 
 
 def test_the_paper_examples_carry_the_papers_settings():
-    examples = {p.stem: resolve_run_config(_flatten(tomllib.loads(p.read_text()))) for p in EXAMPLES if p.parent.name == "paper"}
+    examples = {
+        p.stem: resolve_run_config(flatten_dict(tomllib.loads(p.read_text()))) for p in EXAMPLES if p.parent.name == "paper"
+    }
     vision = {name: config for name, config in examples.items() if name.startswith("cifar")}
     language = {name: config for name, config in examples.items() if not name.startswith("cifar")}
     assert set(vision) == {"cifar10-iid", "cifar10-dirichlet", "cifar100-iid", "cifar100-dirichlet"}
