@@ -26,11 +26,15 @@ from typing import Any
 
 import torch
 
+from .zo.directions import DIRECTIONS_CONTRACT, check_contract
+
 MAGIC = b"HOSFL-FLOWER-CHECKPOINT 1\n"
 FILE_NAME = "checkpoint.pt"
 KEY_ENV = "HOSFL_FLOWER_CHECKPOINT_KEY"
 """Environment variable holding the key of the checkpoints' HMAC-SHA256 (unset or empty: no HMAC)."""
 HMAC_FIELD = "hmac-sha256="
+CONTRACT_FIELD = "directions-contract"
+"""Payload key naming the directions contract the run's ledger was drawn under (absent: contract 1)."""
 
 RESUMABLE_KEYS = frozenset(
     {
@@ -77,7 +81,8 @@ def _hmac(key: bytes, payload: bytes) -> str:
 def save_checkpoint(directory: str | Path, server_round: int, config: Mapping[str, Any], state: Mapping[str, Any]) -> Path:
     """Write the checkpoint of ``server_round`` atomically (with an HMAC when :data:`KEY_ENV` is set); return its path."""
     buffer = io.BytesIO()
-    torch.save({"round": int(server_round), "config": dict(config), "state": dict(state)}, buffer)
+    content = {"round": int(server_round), "config": dict(config), "state": dict(state), CONTRACT_FIELD: DIRECTIONS_CONTRACT}
+    torch.save(content, buffer)
     payload = buffer.getvalue()
     fields = [hashlib.sha256(payload).hexdigest(), str(len(payload))]
     key = checkpoint_key()
@@ -144,6 +149,10 @@ def read_checkpoint(directory: str | Path) -> dict[str, Any]:
     if not all(isinstance(key, str) for key in content["config"]):
         raise CheckpointError(f"checkpoint {path}'s config has keys that are not strings")
     check_type(f"checkpoint {path}'s state", content["state"], dict)
+    try:
+        check_contract(content.get(CONTRACT_FIELD), f"checkpoint {path}")
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     return content
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-from .zo import LedgerEntry
+from .zo import DIRECTIONS_CONTRACT, LedgerEntry, check_contract
 
 # Records are written and read on every message (node state, activations, gradients), so they are
 # encoded and decoded here without Flower's general path (``np.save``/``np.load`` through a file
@@ -71,10 +71,12 @@ def ledger_to_record(entries: Sequence[LedgerEntry]) -> ConfigRecord:
     """Ledger entries as flat lists (seeds and scalars of all entries concatenated).
 
     The per-entry ``directions`` list is written only when some entry's directions are not gaussian;
-    a record without it is all gaussian (so gaussian ledgers keep their size).
+    a record without it is all gaussian (so gaussian ledgers keep their size). ``contract`` names the
+    determinism contract the seeds' directions are drawn under (:data:`~hosfl_flower.zo.DIRECTIONS_CONTRACT`).
     """
     record = ConfigRecord(
         {
+            "contract": DIRECTIONS_CONTRACT,
             "rounds": [e.round for e in entries],
             "counts": [len(e.seeds) for e in entries],
             "seeds": [s for e in entries for s in e.seeds],
@@ -121,7 +123,9 @@ def _finite(key: str, values: Sequence[int | float], positive: bool = False) -> 
 def record_to_ledger(record: ConfigRecord) -> list[LedgerEntry]:
     """Ledger entries back from :func:`ledger_to_record`; raises ``ValueError`` on anything else: a missing
     or mistyped list, inconsistent lengths, a negative or huge round, count or seed, a scalar or rate that
-    is not finite, a ``mu`` that is not positive, or an unknown direction distribution."""
+    is not finite, a ``mu`` that is not positive, an unknown direction distribution, or another directions
+    contract than this version's (a record without one is of contract 1)."""
+    check_contract(record.get("contract"), "the ledger record")
     rounds, counts = _values(record, "rounds", int), _values(record, "counts", int)
     seeds = _values(record, "seeds", int)
     scalars = _finite("scalars", _values(record, "scalars", (int, float)))

@@ -175,12 +175,12 @@ class SplitServer:
         perturbed: Sequence[Sequence[torch.Tensor]],
         seeds: Sequence[int],
         mu: float,
-        first_index: int,
+        offset: int,
     ) -> tuple[list[float], list[list[float]], float]:
         """ZO-SFL's server probe: two-point loss differences along the shared directions, per batch.
 
-        For direction ``p`` the server perturbs ``θ_s`` by ``μ u_p`` (parameter indices continue after
-        the client's ``first_index`` ones, so ``u_p`` is one direction over both segments) and
+        For direction ``p`` the server perturbs ``θ_s`` by ``μ u_p`` (its values continue the seed's stream
+        after the client's ``offset = d_c`` ones, so ``u_p`` is one direction over both segments) and
         compares ``ℓ(f_s(z̃_p; θ_s + μ u_p))`` with ``ℓ(f_s(z; θ_s))``. Returns each batch's loss at
         ``(θ_c, θ_s)``, each batch's differences ``L1 − L0`` (one list of ``P`` per batch) and compute
         seconds; ``θ_s`` is left as it was (:meth:`zo_apply` takes the step). Always float32: a
@@ -193,19 +193,19 @@ class SplitServer:
         anchors = [float(self.model.loss(self.model.head(smashed), labels)) for smashed, labels in batches]
         differences: list[list[float]] = [[] for _ in batches]
         for p, seed in enumerate(seeds):
-            perturb_(params, seed, mu, first_index=first_index)
+            perturb_(params, seed, mu, offset)
             try:
                 for index, ((smashed, labels), tilde, anchor) in enumerate(zip(batches, perturbed, anchors)):
                     loss = float(self.model.loss(self.model.head({**smashed, "z": tilde[p]}), labels))
                     differences[index].append(loss - anchor)
             finally:
-                perturb_(params, seed, -mu, first_index=first_index)
+                perturb_(params, seed, -mu, offset)
         return anchors, differences, time.perf_counter() - start
 
-    def zo_apply(self, seeds: Sequence[int], scalars: Sequence[float], lr: float, mu: float, first_index: int) -> None:
+    def zo_apply(self, seeds: Sequence[int], scalars: Sequence[float], lr: float, mu: float, offset: int) -> None:
         """``θ_s`` takes the SGD step ``−lr/(P μ) Σ_p v̄_p u_p`` that the clients take on ``θ_c``."""
         entry = LedgerEntry(0, tuple(seeds), tuple(scalars), lr, mu)
-        apply_entry(self.model.server_parameters(), SGD(), entry, first_index=first_index)
+        apply_entry(self.model.server_parameters(), SGD(), entry, offset)
 
     def server_weights(self) -> dict[str, torch.Tensor]:
         """The server segment's state dict (weights and buffers), as CPU tensors."""

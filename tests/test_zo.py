@@ -13,13 +13,14 @@ from hosfl_flower.zo import (
     LedgerEntry,
     aggregate_scalars,
     apply_entry,
-    direction,
     estimate_gradient,
     fingerprint,
     hybrid_probe_scalars,
     make_client_optimizer,
     perturb_,
     replay,
+    seed_direction,
+    stream_values,
     trainable_names,
     trainable_parameters,
 )
@@ -31,23 +32,23 @@ def tiny_client(seed=0):
 
 
 def test_same_seed_same_bits_and_different_seeds_differ():
-    like = torch.empty(3, 7)
-    a, b = direction(123, 0, like), direction(123, 0, like)
-    assert torch.equal(a, b)
-    assert not torch.equal(a, direction(124, 0, like))
-    assert not torch.equal(a, direction(123, 1, like))
-    assert a.dtype == torch.float32 and a.shape == like.shape
+    like = [torch.empty(3, 7), torch.empty(5)]
+    a, b = seed_direction(like, 123), seed_direction(like, 123)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], seed_direction(like, 124)[0])
+    assert not torch.equal(a[0], seed_direction(like, 123, offset=1)[0])
+    assert all(u.dtype == torch.float32 and u.shape == t.shape for u, t in zip(a, like))
 
 
 def test_direction_follows_the_contract_stream():
-    """u for parameter i is the float32 randn stream of a CPU generator seeded from (seed, i)."""
+    """u over [W (4×2, float64), b (3)] is the first 11 values of block 0 of seed 9's stream: the float32 randn
+    of a CPU generator seeded with mix_seed(2, 9, 0), W taking 8 and b the next 3."""
     from hosfl_flower.zo import mix_seed
 
-    like = torch.empty(4, 2, dtype=torch.float64)
-    expected = torch.randn(4, 2, generator=torch.Generator().manual_seed(mix_seed(9, 3)), dtype=torch.float32)
-    got = direction(9, 3, like)
-    assert got.dtype == torch.float64
-    assert torch.equal(got, expected.double())
+    expected = torch.randn(16, generator=torch.Generator().manual_seed(mix_seed(2, 9, 0)), dtype=torch.float32)
+    weight, bias = seed_direction([torch.empty(4, 2, dtype=torch.float64), torch.empty(3)], 9)
+    assert weight.dtype == torch.float64 and torch.equal(weight, expected[:8].view(4, 2).double())
+    assert torch.equal(bias, expected[8:11])
 
 
 def test_trainable_set_is_named_parameters_order_requires_grad_only():
@@ -173,68 +174,129 @@ def test_coefficients_follow_the_estimator_normalisation():
     assert math.isclose(sum(entry.coefficients()), -250.0)
 
 
-# --------------------------------------------------------------------------- reused generator and scratch
-def fresh_direction(seed, index, shape):
-    """The contract (docs/protocols.md, "HO-SFL", directions), spelled out: a new CPU generator seeded with mix_seed(seed, index)."""
+# --------------------------------------------------------------------------- the stream contract
+BLOCK = 1 << 16
+
+
+def contract_stream(seed, start, count):
+    """The contract (docs/protocols.md, "Directions"), spelled out: block k of seed's stream is torch.randn(65536)
+    from a fresh CPU generator seeded with mix_seed(2, seed, k); the blocks laid end to end."""
     from hosfl_flower.zo import mix_seed
 
-    return torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(seed, index)), dtype=torch.float32)
+    first, last = start // BLOCK, (start + count - 1) // BLOCK
+    blocks = [
+        torch.randn(BLOCK, generator=torch.Generator().manual_seed(mix_seed(2, seed, k)), dtype=torch.float32)
+        for k in range(first, last + 1)
+    ]
+    at = start - first * BLOCK
+    return torch.cat(blocks)[at : at + count]
 
 
 SHAPES = [(1,), (7,), (15,), (16,), (17,), (3, 5), (16, 1, 3, 3), (33, 31), (1 << 16,), ((1 << 16) + 3,), (300, 301)]
+OFFSETS = [0, 1, 17, BLOCK - 3, 3 * BLOCK + 5]
 
 
-def test_reused_generator_and_scratch_draw_the_contract_stream():
-    """Directions drawn by the reused, re-seeded generator (and into the reused buffer) equal fresh ones,
-    whatever was drawn before them in the thread (large, small, other seeds) and in any order."""
-    from hosfl_flower.zo import transient_direction
-
-    order = [(seed, index, shape) for seed in (0, 5, 2**62 + 3) for index, shape in enumerate(SHAPES)]
-    for seed, index, shape in order + order[::-1]:
-        like = torch.empty(shape)
-        expected = fresh_direction(seed, index, shape)
-        assert torch.equal(direction(seed, index, like), expected)
-        assert torch.equal(transient_direction(seed, index, like), expected)
-    # a later draw may reuse the buffer of a transient one, never of an owned one
-    owned = direction(3, 0, torch.empty(4, 4))
-    transient_direction(4, 0, torch.empty(4, 4))
-    assert torch.equal(owned, fresh_direction(3, 0, (4, 4)))
-    # other dtypes get the float32 stream converted, as before
-    assert torch.equal(transient_direction(9, 1, torch.empty(5, dtype=torch.float64)), fresh_direction(9, 1, (5,)).double())
+def flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def test_directions_in_another_thread_follow_the_contract():
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_every_draw_follows_the_contract_stream(offset):
+    """The stream, owned directions and the perturbation of float32 and float64 parameters all equal the
+    contract's values, whatever was drawn before them in the thread (other layouts, other seeds, any order)."""
+    total = sum(math.prod(s) for s in SHAPES)
+    order = [(seed, shapes) for seed in (0, 5, 2**62 + 3) for shapes in (SHAPES, SHAPES[::-1], SHAPES[:4])]
+    for seed, shapes in order + order[::-1]:
+        count = sum(math.prod(s) for s in shapes)
+        expected = contract_stream(seed, offset, count)
+        assert torch.equal(stream_values(seed, offset, count), expected)
+        assert torch.equal(flat(seed_direction([torch.empty(s) for s in shapes], seed, offset)), expected)
+        for dtype in (torch.float32, torch.float64):
+            params = [torch.zeros(s, dtype=dtype) for s in shapes]
+            perturb_(params, seed, 1.0, offset)
+            assert torch.equal(flat(params), expected.to(dtype))
+    assert total > 2 * BLOCK  # the layout spans several blocks and cuts parameters at their edges
+
+
+def test_a_segment_continues_the_stream_of_the_one_before_it():
+    """Two segments (client, then server at offset d_c) together draw exactly the direction of their concatenation."""
+    client, server = [torch.zeros(s) for s in SHAPES[:6]], [torch.zeros(s) for s in SHAPES[6:]]
+    perturb_(client, 31, 1.0)
+    perturb_(server, 31, 1.0, offset=sum(p.numel() for p in client))
+    whole = [torch.zeros(s) for s in SHAPES]
+    perturb_(whole, 31, 1.0)
+    assert torch.equal(flat(client + server), flat(whole))
+
+
+def test_directions_are_the_same_bits_in_other_threads_and_thread_counts():
     from concurrent.futures import ThreadPoolExecutor
 
-    from hosfl_flower.zo import transient_direction
-
     def draw(seed):
-        return [transient_direction(seed, i, torch.empty(s)).clone() for i, s in enumerate(SHAPES)]
+        params = [torch.zeros(s) for s in SHAPES]
+        perturb_(params, seed, 1.0)
+        return flat(params)
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(draw, range(6)))
-    for seed, drawn in enumerate(results):
-        assert all(torch.equal(u, fresh_direction(seed, i, s)) for i, (u, s) in enumerate(zip(drawn, SHAPES)))
+    total = sum(math.prod(s) for s in SHAPES)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 3):
+            torch.set_num_threads(count)
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                results = list(pool.map(draw, range(4)))
+            assert all(torch.equal(u, contract_stream(seed, 0, total)) for seed, u in enumerate(results))
+    finally:
+        torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_perturb_and_replay_equal_the_fresh_generator_formula(dtype):
-    """perturb_ and apply_entry are bit-identical to the same arithmetic with one fresh generator per draw."""
-    params = [torch.randn(s, generator=torch.Generator().manual_seed(i), dtype=dtype) for i, s in enumerate(SHAPES[:9])]
+def test_the_gaussian_stream_is_standard_normal():
+    """Over 10⁶ values (100 seeds × 10 000, crossing block edges): mean within 5σ of 0, variance within 5σ of 1,
+    the share beyond 1.96 within 5σ of 5 %, and neighbouring values uncorrelated; seeds are uncorrelated."""
+    draws = torch.stack([stream_values(seed, BLOCK - 5000, 10_000) for seed in range(100)]).double()
+    n = draws.numel()
+    assert abs(float(draws.mean())) < 5 / math.sqrt(n)
+    assert abs(float(draws.var()) - 1.0) < 5 * math.sqrt(2 / n)
+    tail = float((draws.abs() > 1.96).double().mean())
+    assert abs(tail - 0.05) < 5 * math.sqrt(0.05 * 0.95 / n)
+    assert abs(float((draws[:, 1:] * draws[:, :-1]).mean())) < 5 / math.sqrt(n)
+    assert abs(float((draws[1:] * draws[:-1]).mean())) < 5 / math.sqrt(n)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("offset", [0, BLOCK - 3])
+def test_replay_equals_the_whole_gradient_formula(name, offset):
+    """apply_entry, block by block (parameters cut at block edges), equals the optimizer stepping each whole
+    parameter with ĝ = Σ_p c_p u_p built from the contract stream."""
+    shapes = SHAPES[:9] + [(BLOCK + 3,)]
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
     expected = [p.clone() for p in params]
-    perturb_(params, 11, 1e-3, first_index=2)
-    for i, p in enumerate(expected):
-        p.add_(fresh_direction(11, i + 2, p.shape).to(dtype), alpha=1e-3)
-    assert all(torch.equal(a, b) for a, b in zip(params, expected))
-
-    entry = LedgerEntry(1, (5, 6, 7), (0.2, -0.1, 0.05), 0.01, 1e-3)
-    apply_entry(params, SGD(), entry)
-    for i, p in enumerate(expected):
-        grad = torch.zeros_like(p)
+    entries = [LedgerEntry(t, (5 * t, 5 * t + 1, 5 * t + 2), (0.2, -0.1, 0.05), 0.01, 1e-3) for t in (1, 2)]
+    ours, theirs = make_client_optimizer(name), make_client_optimizer(name)
+    for entry in entries:
+        apply_entry(params, ours, entry, offset)
+        total = sum(p.numel() for p in expected)
+        grad = torch.zeros(total)
         for seed, c in zip(entry.seeds, entry.coefficients()):
-            grad.add_(fresh_direction(seed, i, p.shape).to(dtype), alpha=c)
-        p.add_(grad, alpha=-entry.lr)
+            grad.add_(contract_stream(seed, offset, total), alpha=c)
+        theirs.begin_step()
+        start = 0
+        for index, p in enumerate(expected):
+            theirs.step_param(index, p, grad[start : start + p.numel()].view(p.shape), entry.lr)
+            start += p.numel()
     assert all(torch.equal(a, b) for a, b in zip(params, expected))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_tensors().values(), theirs.state_tensors().values()))
+
+
+def test_old_contract_ledger_records_are_refused():
+    from hosfl_flower.records import ledger_to_record, record_to_ledger
+
+    record = ledger_to_record([LedgerEntry(1, (1, 2), (0.1, 0.2), 0.1, 1e-3)])
+    assert record["contract"] == 2
+    del record["contract"]
+    with pytest.raises(ValueError, match=r"^the ledger record was written under directions contract 1; .* contract 2"):
+        record_to_ledger(record)
+    record["contract"] = 3
+    with pytest.raises(ValueError, match="contract 3"):
+        record_to_ledger(record)
 
 
 # --------------------------------------------------------------------------- the lean probe
@@ -314,31 +376,6 @@ def test_probe_releases_each_output_before_the_next_forward():
 
     scalars = hybrid_probe_scalars(forward, params, float(z.sum()), torch.ones_like(z), [1, 2, 3], 1e-3)
     assert len(scalars) == 3 and len(previous) == 3
-
-
-def test_probe_with_kept_directions_equals_redrawing_them(monkeypatch):
-    """Small segments draw each probe's directions once for perturbing and restoring; the scalars and the
-    parameters left behind are the same bits as with perturb_ drawing them twice."""
-    import hosfl_flower.zo.estimator as estimator
-    from hosfl_flower.zo import draw_directions_
-
-    x = torch.randn(8, 1, 8, 8)
-    runs = []
-    for keep in (1 << 16, 0):
-        monkeypatch.setattr(estimator, "KEEP_DIRECTIONS_FLOATS", keep)
-        model = conv_client()
-        params = trainable_parameters(model)
-        with torch.no_grad():
-            z = model(x)
-        scalars = hybrid_probe_scalars(lambda: model(x), params, z, torch.ones_like(z), [4, 5, 6], 1e-2)
-        runs.append((scalars, [p.detach().clone() for p in params]))
-    assert runs[0][0] == runs[1][0]
-    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
-    buffers = [torch.empty(s) for s in SHAPES[:6]]
-    draw_directions_(buffers, 21, first_index=3)
-    assert all(torch.equal(u, fresh_direction(21, i + 3, u.shape)) for i, u in enumerate(buffers))
-    with pytest.raises(ValueError):
-        draw_directions_([torch.empty(3, dtype=torch.float64)], 1)
 
 
 def test_fingerprint_format_is_stable():

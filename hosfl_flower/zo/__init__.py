@@ -4,16 +4,22 @@ This package has no Flower imports; the Flower layer and the in-process referenc
 """
 
 from .directions import (
+    DIRECTIONS_CONTRACT,
     DISTRIBUTIONS,
+    STREAM_BLOCK,
+    SeedDirection,
+    check_contract,
     check_distribution,
-    direction,
-    draw_directions_,
     fingerprint,
+    gradient_blocks,
     mix_seed,
     perturb_,
+    seed_direction,
+    stream_length,
+    stream_values,
     trainable_names,
     trainable_parameters,
-    transient_direction,
+    zo_gradients,
 )
 from .estimator import (
     ESTIMATORS,
@@ -27,33 +33,37 @@ from .estimator import (
     needs_anchor,
     probe_scalars,
 )
-from .ledger import Ledger, LedgerEntry, apply_entry, replay, zo_gradient
+from .ledger import Ledger, LedgerEntry, apply_entry, replay
 from .optim import CLIENT_OPTIMIZERS, SGD, AdamW, ClientOptimizer, make_client_optimizer
 from .update import LR_SCHEDULES, ClientUpdateRule, cap_entry, estimate_norm
 
 __all__ = [
     "AdamW",
     "CLIENT_OPTIMIZERS",
+    "ClientOptimizer",
+    "ClientUpdateRule",
+    "DIRECTIONS_CONTRACT",
     "DISTRIBUTIONS",
     "ESTIMATORS",
-    "ClientUpdateRule",
-    "cap_entry",
     "LR_SCHEDULES",
-    "ClientOptimizer",
     "Ledger",
     "LedgerEntry",
     "SGD",
+    "STREAM_BLOCK",
+    "SeedDirection",
     "aggregate_scalars",
     "apply_entry",
+    "cap_entry",
     "central_probe_scalars",
+    "check_contract",
     "check_distribution",
     "check_jvp",
-    "direction",
+    "seed_direction",
     "dot64",
-    "draw_directions_",
     "estimate_gradient",
     "estimate_norm",
     "fingerprint",
+    "gradient_blocks",
     "hybrid_probe_scalars",
     "jvp_probe_scalars",
     "make_client_optimizer",
@@ -62,8 +72,9 @@ __all__ = [
     "perturb_",
     "probe_scalars",
     "replay",
+    "stream_length",
+    "stream_values",
     "trainable_names",
     "trainable_parameters",
-    "transient_direction",
-    "zo_gradient",
+    "zo_gradients",
 ]

@@ -1,17 +1,24 @@
-"""Seeded random directions (docs/protocols.md, "HO-SFL", directions).
+"""Seeded random directions, one stream per seed (docs/protocols.md, "Directions").
 
-Direction ``u_p`` for trainable parameter ``i`` (``named_parameters()`` order, ``requires_grad``
-only) is drawn in float32 by a CPU ``torch.Generator`` seeded from ``(seed_p, i)``, then moved to
-the parameter's device and dtype. The stream therefore does not depend on the device a client runs on.
+Determinism contract :data:`DIRECTIONS_CONTRACT`. The direction ``u(s)`` of seed ``s`` is one stream
+of float32 values laid over a segment's trainable parameters (``named_parameters()`` order,
+``requires_grad`` only), flattened and concatenated: parameter ``i`` takes the ``numel`` values that
+follow those of the parameters before it, from stream position ``offset`` on (ZO-SFL's server segment
+continues the client's stream after its ``d_c`` values). The stream is cut into blocks of
+:data:`STREAM_BLOCK` values; block ``k`` is drawn by a CPU ``torch.Generator`` seeded with
+:func:`block_seed` ``(s, k)``:
 
-Two distributions (:data:`DISTRIBUTIONS`) share that scheme: ``gaussian`` (the default) is the
-generator's ``randn`` stream; ``rademacher`` is its ``randint(0, 2)`` stream (serial, so independent
-of thread count and CPU) mapped to ``±1``, each sign with probability 1/2.
+- ``gaussian`` (the default): the generator's ``normal_`` stream (what ``torch.randn`` draws);
+- ``rademacher``: its ``random_(0, 2)`` stream mapped to ``±1``, each sign with probability 1/2.
 
-Drawing a direction for a small tensor costs far more in fixed overhead than in random numbers, so the
-draw reuses one CPU generator per thread (re-seeded with ``manual_seed``: the same seed gives the same
-stream as a fresh generator), memoises the seed mix, and fills small directions into a per-thread
-scratch buffer. None of this changes a drawn value.
+A segment draws each block it covers once per seed, only as far as it needs: ``normal_`` transforms
+its uniforms in groups of 16, so a draw of a multiple of 16 values is a prefix of any longer draw of
+the same block (``random_`` draws one value at a time). The values are then moved to each parameter's
+device and dtype, so a direction does not depend on where a parameter lives, nor on the thread count
+(the CPU generator draws serially).
+
+Contract 1 (before) seeded one generator per ``(seed, parameter index)``; its checkpoints and ledgers
+are refused (:func:`check_contract`).
 """
 
 from __future__ import annotations
@@ -19,23 +26,28 @@ from __future__ import annotations
 import functools
 import hashlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 _MASK64 = (1 << 64) - 1
 
+DIRECTIONS_CONTRACT = 2
+"""Version of the determinism contract of directions (written into checkpoints and ledger records)."""
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
 """Distributions of the entries of a direction: standard normal, or ``±1`` with equal probability."""
 
-SCRATCH_FLOATS = 1 << 16
-"""Directions of float32 CPU tensors up to this many elements are drawn into a per-thread buffer of
-their shape, reused by every later draw of that shape; larger ones get their own tensor, whose
-allocation is small next to drawing its random numbers."""
+STREAM_BLOCK = 1 << 16
+"""Values per block of a seed's stream (a multiple of 16); each block has its own generator seed."""
 
-SCRATCH_TOTAL_FLOATS = 1 << 20
-"""Cap on the floats held in one thread's buffers (4 MiB); past it they are dropped and rebuilt."""
+_GRAIN = 16
+"""``normal_`` transforms uniforms in groups of this many: draws are rounded up to a multiple of it."""
+
+_PREPARED_LIMIT = 64
+"""Parameter layouts whose buffers one thread keeps (each at most two blocks of floats, 512 KiB)."""
 
 
 def _splitmix64(value: int) -> int:
@@ -53,6 +65,12 @@ def mix_seed(*parts: int) -> int:
     return state >> 1
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def block_seed(seed: int, block: int) -> int:
+    """Generator seed of block ``block`` of seed ``seed``'s stream: ``mix_seed(DIRECTIONS_CONTRACT, seed, block)``."""
+    return mix_seed(DIRECTIONS_CONTRACT, seed, block)
+
+
 def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
     """The parameters a zeroth-order step perturbs: ``named_parameters()`` order, trainable only."""
     return [p for _, p in module.named_parameters() if p.requires_grad]
@@ -63,35 +81,9 @@ def trainable_names(module: nn.Module) -> list[str]:
     return [name for name, p in module.named_parameters() if p.requires_grad]
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _direction_seed(seed: int, index: int) -> int:
-    """``mix_seed(seed, index)``, memoised: a round's seeds are drawn twice per probe and again at replay."""
-    return mix_seed(seed, index)
-
-
-class _ThreadState(threading.local):
-    """One CPU generator and the scratch buffers of one thread (a generator is not safe to share)."""
-
-    def __init__(self) -> None:
-        self.generator = torch.Generator(device="cpu")
-        self.buffers: dict[torch.Size, torch.Tensor] = {}
-        self.buffered = 0
-
-
-_THREAD = _ThreadState()
-
-
-def _scratch(state: _ThreadState, shape: torch.Size) -> torch.Tensor | None:
-    buffer = state.buffers.get(shape)
-    if buffer is None:
-        numel = shape.numel()
-        if numel > SCRATCH_FLOATS:
-            return None
-        if state.buffered + numel > SCRATCH_TOTAL_FLOATS:
-            state.buffers, state.buffered = {}, 0
-        buffer = state.buffers[shape] = torch.empty(shape, dtype=torch.float32)
-        state.buffered += numel
-    return buffer
+def stream_length(params: Iterable[torch.Tensor]) -> int:
+    """Stream values the parameters take (their total number of elements): the next segment's ``offset``."""
+    return sum(p.numel() for p in params)
 
 
 def _unknown_distribution(distribution: object) -> ValueError:
@@ -105,83 +97,259 @@ def check_distribution(distribution: str) -> str:
     return distribution
 
 
-def _fill_(buffer: torch.Tensor, generator: torch.Generator, distribution: str) -> torch.Tensor:
-    """Overwrite a contiguous float32 CPU tensor with the next draws of ``generator``; returns it."""
-    if distribution == "gaussian":
-        # normal_ on a contiguous float32 tensor is exactly what torch.randn does after allocating it
-        return buffer.normal_(generator=generator)
-    if distribution == "rademacher":
-        return buffer.random_(0, 2, generator=generator).mul_(2.0).sub_(1.0)
-    raise _unknown_distribution(distribution)
+def check_contract(contract: object, what: str) -> None:
+    """Raise ``ValueError`` (one line naming ``what``) unless ``contract`` is :data:`DIRECTIONS_CONTRACT`.
 
-
-def _draw(shape: torch.Size, generator: torch.Generator, distribution: str) -> torch.Tensor:
-    """A new float32 CPU tensor of ``shape`` holding the next draws of ``generator``."""
-    if distribution == "gaussian":
-        return torch.randn(shape, generator=generator, dtype=torch.float32)
-    return _fill_(torch.empty(shape, dtype=torch.float32), generator, distribution)
-
-
-def _transient(state: _ThreadState, like: torch.Tensor, distribution: str = "gaussian") -> torch.Tensor:
-    """The direction for ``like`` from ``state.generator`` as seeded; float32 CPU directions of small
-    tensors are this thread's buffer of that shape, valid until the next draw of the same shape."""
-    generator = state.generator
-    if like.dtype is torch.float32 and like.is_cpu:
-        buffer = _scratch(state, like.shape)
-        if buffer is not None:
-            return _fill_(buffer, generator, distribution)
-        return _draw(like.shape, generator, distribution)
-    return _draw(like.shape, generator, distribution).to(device=like.device, dtype=like.dtype)
-
-
-def direction(seed: int, index: int, like: torch.Tensor, distribution: str = "gaussian") -> torch.Tensor:
-    """Direction for parameter ``index`` under ``seed``, shaped, placed and typed like ``like``.
-
-    The result is a new tensor the caller owns.
+    ``None`` stands for a state written before contracts were recorded (contract 1).
     """
-    generator = _THREAD.generator
-    generator.manual_seed(_direction_seed(seed, index))
-    u = _draw(like.shape, generator, distribution)
-    if u.device != like.device or u.dtype != like.dtype:
-        u = u.to(device=like.device, dtype=like.dtype)
-    return u
+    if contract != DIRECTIONS_CONTRACT:
+        found = 1 if contract is None else contract
+        raise ValueError(
+            f"{what} was written under directions contract {found!r}; this version draws directions under contract "
+            f"{DIRECTIONS_CONTRACT} (one stream per seed), so its θ_c cannot be replayed: start a new run"
+        )
 
 
-def transient_direction(seed: int, index: int, like: torch.Tensor, distribution: str = "gaussian") -> torch.Tensor:
-    """:func:`direction` for immediate use: it may be a per-thread buffer that the next draw of the same
-    shape in this thread overwrites (``x.add_(transient_direction(...))`` is the intended use)."""
-    state = _THREAD
-    state.generator.manual_seed(_direction_seed(seed, index))
-    return _transient(state, like, distribution)
+def _round_up(count: int) -> int:
+    return -(-count // _GRAIN) * _GRAIN
+
+
+def _fill_(buffer: torch.Tensor, generator: torch.Generator, seed: int, block: int, distribution: str) -> None:
+    """Overwrite a contiguous float32 CPU tensor with the first values of block ``block`` of ``seed``'s stream."""
+    generator.manual_seed(block_seed(seed, block))
+    if distribution == "gaussian":
+        buffer.normal_(generator=generator)
+    elif distribution == "rademacher":
+        buffer.random_(0, 2, generator=generator).mul_(2.0).sub_(1.0)
+    else:
+        raise _unknown_distribution(distribution)
 
 
 @torch.no_grad()
-def draw_directions_(buffers: Sequence[torch.Tensor], seed: int, first_index: int = 0, distribution: str = "gaussian") -> None:
-    """Fill each float32 CPU buffer with its direction under ``seed`` (buffer ``k`` gets direction
-    ``first_index + k``): the values :func:`direction` returns, without allocating."""
-    state = _THREAD
-    generator = state.generator
-    for index, buffer in enumerate(buffers, start=first_index):
-        if buffer.dtype is not torch.float32 or not buffer.is_cpu or not buffer.is_contiguous():
-            raise ValueError("direction buffers must be contiguous float32 CPU tensors")
-        generator.manual_seed(_direction_seed(seed, index))
-        _fill_(buffer, generator, distribution)
+def stream_values(seed: int, start: int, count: int, distribution: str = "gaussian") -> torch.Tensor:
+    """Values ``start .. start + count − 1`` of ``seed``'s stream, as a new float32 CPU tensor (the contract,
+    spelled out with a fresh generator per block)."""
+    check_distribution(distribution)
+    out = torch.empty(count, dtype=torch.float32)
+    generator = torch.Generator(device="cpu")
+    position, written = start, 0
+    while written < count:
+        block, at = divmod(position, STREAM_BLOCK)
+        take = min(STREAM_BLOCK - at, count - written)
+        values = torch.empty(_round_up(at + take), dtype=torch.float32)
+        _fill_(values, generator, seed, block, distribution)
+        out[written : written + take] = values[at : at + take]
+        position, written = position + take, written + take
+    return out
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of parameter ``position`` that lies in one block: its elements ``start:stop`` (flattened)
+    are the block's values ``at:at + stop − start``; ``whole`` when that is all of the parameter."""
+
+    position: int
+    start: int
+    stop: int
+    at: int
+    whole: bool
+
+
+@dataclass(frozen=True)
+class Block:
+    """One block of the stream as a segment covers it: values ``lo:hi`` of block ``index`` (``draw`` are drawn)."""
+
+    index: int
+    lo: int
+    hi: int
+    draw: int
+    pieces: tuple[Piece, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def stream_layout(shapes: tuple[torch.Size, ...], offset: int = 0) -> tuple[Block, ...]:
+    """The blocks a segment with parameters of ``shapes`` covers from stream position ``offset``."""
+    pieces: dict[int, list[Piece]] = {}
+    position_in_stream = offset
+    for position, shape in enumerate(shapes):
+        numel = shape.numel()
+        start = 0
+        while start < numel:
+            block, at = divmod(position_in_stream + start, STREAM_BLOCK)
+            stop = min(numel, start + STREAM_BLOCK - at)
+            pieces.setdefault(block, []).append(Piece(position, start, stop, at, start == 0 and stop == numel))
+            start = stop
+        position_in_stream += numel
+    blocks = []
+    for index in sorted(pieces):
+        parts = tuple(pieces[index])
+        lo, hi = parts[0].at, parts[-1].at + parts[-1].stop - parts[-1].start
+        blocks.append(Block(index, lo, hi, _round_up(hi), parts))
+    return tuple(blocks)
+
+
+class _Prepared:
+    """A layout's buffers in one thread: a drawn block and a gradient block, with views of each piece."""
+
+    def __init__(self, shapes: tuple[torch.Size, ...], blocks: tuple[Block, ...]) -> None:
+        self.blocks = blocks
+        size = max((block.draw for block in blocks), default=0)
+        self.values = torch.empty(size, dtype=torch.float32)
+        self.grad = torch.empty(size, dtype=torch.float32)
+        self.drawn = [self.values[: block.draw] for block in blocks]
+        self.value_views = [_piece_views(self.values, block, shapes) for block in blocks]
+        self.grad_regions = [self.grad[block.lo : block.hi] for block in blocks]
+        self.value_regions = [self.values[block.lo : block.hi] for block in blocks]
+        self.grad_views = [_piece_views(self.grad, block, shapes) for block in blocks]
+
+
+def _piece_views(buffer: torch.Tensor, block: Block, shapes: Sequence[torch.Size]) -> list[torch.Tensor]:
+    """Views of ``buffer`` for each piece of ``block``: shaped like the parameter when whole, else flat."""
+    views = []
+    for piece in block.pieces:
+        view = buffer[piece.at : piece.at + piece.stop - piece.start]
+        views.append(view.view(shapes[piece.position]) if piece.whole else view)
+    return views
+
+
+class _ThreadState(threading.local):
+    """One CPU generator and the prepared layouts of one thread (a generator is not safe to share)."""
+
+    def __init__(self) -> None:
+        self.generator = torch.Generator(device="cpu")
+        self.prepared: dict[tuple, _Prepared] = {}
+
+    def prepare(self, params: Sequence[torch.Tensor], offset: int) -> _Prepared:
+        shapes = tuple(p.shape for p in params)
+        key = (offset, shapes)
+        prepared = self.prepared.get(key)
+        if prepared is None:
+            if len(self.prepared) >= _PREPARED_LIMIT:
+                self.prepared = {}
+            prepared = self.prepared[key] = _Prepared(shapes, stream_layout(shapes, offset))
+        return prepared
+
+
+_THREAD = _ThreadState()
+
+
+def _flat(param: torch.Tensor) -> torch.Tensor:
+    if not param.is_contiguous():
+        raise ValueError(f"a parameter of shape {tuple(param.shape)} larger than one stream block is not contiguous")
+    return param.view(-1)
+
+
+def piece_targets(params: Sequence[torch.Tensor], block: Block) -> list[torch.Tensor]:
+    """The parameters (or flat slices of them) that ``block``'s pieces cover, in piece order."""
+    return [params[p.position] if p.whole else _flat(params[p.position])[p.start : p.stop] for p in block.pieces]
+
+
+def _add_(targets: list[torch.Tensor], sources: list[torch.Tensor], scale: float) -> None:
+    if all(t.dtype is torch.float32 and t.is_cpu for t in targets):
+        torch._foreach_add_(targets, sources, alpha=scale)
+    else:
+        for target, source in zip(targets, sources):
+            target.add_(source.to(device=target.device, dtype=target.dtype), alpha=scale)
 
 
 @torch.no_grad()
-def perturb_(
-    params: Sequence[torch.Tensor], seed: int, scale: float, first_index: int = 0, distribution: str = "gaussian"
-) -> None:
-    """In place: ``θ_i += scale · u_i(seed)`` for every parameter (MeZO-style, one tensor at a time).
+def perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, offset: int = 0, distribution: str = "gaussian") -> None:
+    """In place: ``θ += scale · u(seed)`` over ``params`` (MeZO-style: one block of the stream at a time).
 
-    ``first_index`` numbers the parameters from that index on, so two segments (client, then
-    server) can share one direction over their concatenation.
+    ``offset`` is the stream position of ``params[0]``'s first element (:func:`stream_length` of the
+    segments before it).
     """
     state = _THREAD
+    prepared = state.prepare(params, offset)
+    for b, block in enumerate(prepared.blocks):
+        _fill_(prepared.drawn[b], state.generator, seed, block.index, distribution)
+        _add_(piece_targets(params, block), prepared.value_views[b], scale)
+
+
+@torch.no_grad()
+def seed_direction(
+    params: Sequence[torch.Tensor], seed: int, offset: int = 0, distribution: str = "gaussian"
+) -> list[torch.Tensor]:
+    """``u(seed)`` as new tensors shaped, placed and typed like each parameter."""
+    flat = stream_values(seed, offset, stream_length(params), distribution)
+    out, start = [], 0
+    for param in params:
+        numel = param.numel()
+        out.append(flat[start : start + numel].view(param.shape).to(device=param.device, dtype=param.dtype))
+        start += numel
+    return out
+
+
+class SeedDirection:
+    """Moves fixed parameters along one seed's direction at a time (a probe's perturbation and its reversal).
+
+    Float32 CPU segments within one block keep the values drawn by :meth:`select` for every move;
+    others redraw them at each move (:func:`perturb_`). Both give the same bits.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], offset: int = 0, distribution: str = "gaussian") -> None:
+        self.params = list(params)
+        self.offset = offset
+        self.distribution = check_distribution(distribution)
+        self.seed = 0
+        shapes = tuple(p.shape for p in self.params)
+        self.blocks = stream_layout(shapes, offset)
+        self.kept: list[torch.Tensor] | None = None
+        if len(self.blocks) == 1 and all(p.dtype is torch.float32 and p.is_cpu for p in self.params):
+            self.buffer = torch.empty(self.blocks[0].draw, dtype=torch.float32)
+            self.kept = _piece_views(self.buffer, self.blocks[0], shapes)
+            self.targets = piece_targets(self.params, self.blocks[0])
+
+    def select(self, seed: int) -> None:
+        """Make ``u(seed)`` the direction of the following moves."""
+        self.seed = seed
+        if self.kept is not None:
+            _fill_(self.buffer, _THREAD.generator, seed, self.blocks[0].index, self.distribution)
+
+    @torch.no_grad()
+    def move(self, scale: float) -> None:
+        """``θ += scale · u``."""
+        if self.kept is None:
+            perturb_(self.params, self.seed, scale, self.offset, self.distribution)
+        else:
+            torch._foreach_add_(self.targets, self.kept, alpha=scale)
+
+
+@torch.no_grad()
+def gradient_blocks(
+    params: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    coefficients: Sequence[float],
+    offset: int = 0,
+    distribution: str = "gaussian",
+) -> Iterator[tuple[Block, torch.Tensor, list[torch.Tensor]]]:
+    """``ĝ = Σ_p c_p u(seed_p)`` one block at a time: yields each block, its covered values and a view per
+    piece (float32 CPU, shaped like the parameter when whole), valid until the next block is drawn."""
+    state = _THREAD
     generator = state.generator
-    for index, param in enumerate(params, start=first_index):
-        generator.manual_seed(_direction_seed(seed, index))
-        param.add_(_transient(state, param, distribution), alpha=scale)
+    prepared = state.prepare(params, offset)
+    for b, block in enumerate(prepared.blocks):
+        grad, drawn, values = prepared.grad_regions[b], prepared.drawn[b], prepared.value_regions[b]
+        grad.zero_()
+        for seed, coefficient in zip(seeds, coefficients):
+            _fill_(drawn, generator, seed, block.index, distribution)
+            grad.add_(values, alpha=coefficient)
+        yield block, grad, prepared.grad_views[b]
+
+
+def zo_gradients(
+    params: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    coefficients: Sequence[float],
+    offset: int = 0,
+    distribution: str = "gaussian",
+) -> list[torch.Tensor]:
+    """``ĝ = Σ_p c_p u(seed_p)`` as new tensors shaped, placed and typed like each parameter (for analysis and tests)."""
+    out = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+    for block, _, views in gradient_blocks(params, seeds, coefficients, offset, distribution):
+        for piece, view in zip(block.pieces, views):
+            out[piece.position].view(-1)[piece.start : piece.stop] = view.reshape(-1)
+    return [g.to(device=p.device, dtype=p.dtype) for g, p in zip(out, params)]
 
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:

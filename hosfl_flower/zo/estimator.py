@@ -24,14 +24,13 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .directions import (
+    SeedDirection,
     check_distribution,
-    direction,
-    draw_directions_,
-    perturb_,
+    seed_direction,
     trainable_names,
     trainable_parameters,
+    zo_gradients,
 )
-from .ledger import zo_gradient
 
 ESTIMATORS = ("forward", "central", "jvp")
 """Names :func:`probe_scalars` accepts (the run-config key ``zo.estimator``)."""
@@ -39,10 +38,6 @@ ESTIMATORS = ("forward", "central", "jvp")
 
 DOT_CHUNK = 1 << 15
 """Elements per chunk of :func:`dot64`: its float64 temporaries stay at 256 KiB whatever the tensor size."""
-
-KEEP_DIRECTIONS_FLOATS = 1 << 16
-"""Client segments up to this many trainable floats keep each probe's directions between perturbing and
-restoring (drawn once instead of twice; at most 256 KiB). Larger ones redraw them."""
 
 
 @torch.no_grad()
@@ -64,39 +59,6 @@ def dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = DOT_CHUNK) -> float:
         part.mul_(b[start : start + chunk])
         total += float(part.sum())
     return total
-
-
-class _Shift:
-    """Moves parameters in place along one seed's direction at a time.
-
-    Segments of up to :data:`KEEP_DIRECTIONS_FLOATS` float32 CPU floats keep the direction drawn by
-    :meth:`select` for every move; larger ones redraw it for each move (:func:`perturb_`). Both give
-    the same bits.
-    """
-
-    def __init__(self, params: Sequence[torch.Tensor], distribution: str) -> None:
-        self.params = params
-        self.distribution = check_distribution(distribution)
-        self.seed = 0
-        self.kept: list[torch.Tensor] | None = None
-        if sum(p.numel() for p in params) <= KEEP_DIRECTIONS_FLOATS and all(
-            p.dtype is torch.float32 and p.is_cpu for p in params
-        ):
-            self.kept = [torch.empty(p.shape, dtype=torch.float32) for p in params]
-
-    def select(self, seed: int) -> None:
-        """Make ``u(seed)`` the direction of the following moves."""
-        self.seed = seed
-        if self.kept is not None:
-            draw_directions_(self.kept, seed, distribution=self.distribution)
-
-    def move(self, scale: float) -> None:
-        """``θ += scale · u``."""
-        if self.kept is None:
-            perturb_(self.params, self.seed, scale, distribution=self.distribution)
-        else:
-            for param, u in zip(self.params, self.kept):
-                param.add_(u, alpha=scale)
 
 
 def _fold(lam: torch.Tensor, output: torch.Tensor) -> float:
@@ -133,7 +95,7 @@ def hybrid_probe_scalars(
         base = dot64(lam, anchor)
     else:
         base = float(anchor)
-    shift = _Shift(params, distribution)
+    shift = SeedDirection(params, distribution=distribution)
     scalars = []
     for seed in seeds:
         shift.select(seed)
@@ -162,7 +124,7 @@ def central_probe_scalars(
     canonical copy, as for :func:`hybrid_probe_scalars`); each output is folded into ``⟨λ, ·⟩`` and
     freed before the next forward pass.
     """
-    shift = _Shift(params, distribution)
+    shift = SeedDirection(params, distribution=distribution)
     scalars = []
     for seed in seeds:
         shift.select(seed)
@@ -223,7 +185,7 @@ def jvp_probe_scalars(
     scalars = []
     with sdpa_kernel([SDPBackend.MATH]):
         for seed in seeds:
-            tangents = tuple(direction(seed, index, p, distribution) for index, p in enumerate(params))
+            tangents = tuple(seed_direction(params, seed, distribution=distribution))
             derivative = jvp(evaluate, primals, tangents)[1]
             del tangents
             scalars.append(mu * _fold(lam, derivative))
@@ -289,7 +251,7 @@ def estimate_gradient(
 ) -> list[torch.Tensor]:
     """The full estimate ``ĝ = (1/(P μ)) Σ_p v_p u_p``, one tensor per parameter (for analysis and tests)."""
     coefficients = [float(v) / (len(seeds) * mu) for v in scalars]
-    return [zo_gradient(i, p, seeds, coefficients, distribution) for i, p in enumerate(params)]
+    return zo_gradients(params, seeds, coefficients, distribution=distribution)
 
 
 def aggregate_scalars(per_client: Sequence[Sequence[float]], kept_weight: float, total_weight: float) -> tuple[float, ...]:

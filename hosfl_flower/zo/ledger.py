@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .directions import _THREAD, _direction_seed, _transient, check_distribution
+from .directions import check_distribution, gradient_blocks
 from .optim import ClientOptimizer
 
 
@@ -43,44 +43,31 @@ class LedgerEntry:
         return [float(v) / denom for v in self.scalars]
 
 
-def _zo_gradient(
-    index: int, param: torch.Tensor, seeds: Sequence[int], coefficients: Sequence[float], distribution: str
-) -> torch.Tensor:
-    # the caller holds torch.no_grad(); each direction is consumed before the next one is drawn
-    state = _THREAD
-    generator = state.generator
-    grad = torch.zeros_like(param)
-    for seed, coefficient in zip(seeds, coefficients):
-        generator.manual_seed(_direction_seed(seed, index))
-        grad.add_(_transient(state, param, distribution), alpha=coefficient)
-    return grad
+def _on(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    return grad if grad.dtype == param.dtype and grad.device == param.device else grad.to(device=param.device, dtype=param.dtype)
 
 
 @torch.no_grad()
-def zo_gradient(
-    index: int,
-    param: torch.Tensor,
-    seeds: Sequence[int],
-    coefficients: Sequence[float],
-    distribution: str = "gaussian",
-) -> torch.Tensor:
-    """``ĝ_i = Σ_p c_p u_p,i`` for one parameter, regenerated from the seeds."""
-    return _zo_gradient(index, param, seeds, coefficients, distribution)
+def apply_entry(params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entry: LedgerEntry, offset: int = 0) -> None:
+    """Apply one ledger entry to ``params`` in place, one block of the directions' stream at a time.
 
-
-@torch.no_grad()
-def apply_entry(params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entry: LedgerEntry, first_index: int = 0) -> None:
-    """Apply one ledger entry to ``params`` in place (one parameter at a time).
-
-    ``first_index`` is the direction index of ``params[0]`` (see :func:`perturb_`).
+    ``offset`` is the stream position of ``params[0]`` (see :func:`~hosfl_flower.zo.directions.perturb_`).
     """
     if not entry.seeds:
         return
-    coefficients = entry.coefficients()
     optimizer.begin_step()
-    for position, param in enumerate(params):
-        grad = _zo_gradient(first_index + position, param, entry.seeds, coefficients, entry.directions)
-        optimizer.step_param(position, param, grad, entry.lr)
+    for block, _, grads in gradient_blocks(params, entry.seeds, entry.coefficients(), offset, entry.directions):
+        pieces = block.pieces
+        if all(piece.whole for piece in pieces):
+            targets = [params[piece.position] for piece in pieces]
+            optimizer.step_params(
+                [piece.position for piece in pieces], targets, [_on(g, p) for g, p in zip(grads, targets)], entry.lr
+            )
+            continue
+        for piece, grad in zip(pieces, grads):
+            param = params[piece.position]
+            span = None if piece.whole else (piece.start, piece.stop)
+            optimizer.step_param(piece.position, param, _on(grad, param), entry.lr, span)
 
 
 def replay(params: Sequence[torch.Tensor], optimizer: ClientOptimizer, entries: Iterable[LedgerEntry]) -> None:

@@ -1,6 +1,7 @@
 """Client optimizers for zeroth-order updates.
 
-They step one parameter at a time from a gradient built for that parameter alone, so an update never
+They step one parameter, or one piece of a parameter, at a time from a gradient built for it alone (one
+block of the directions' stream: :func:`~hosfl_flower.zo.directions.gradient_blocks`), so an update never
 materialises a full ``d_c``-sized gradient. The arithmetic is fixed here (not delegated to
 ``torch.optim``) because the server's replica and every client must produce the same bits, and the
 state must travel as plain tensors (checkpoints, weight repair).
@@ -25,8 +26,18 @@ class ClientOptimizer(ABC):
         """Called once before the parameters of one update are stepped."""
 
     @abstractmethod
-    def step_param(self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """Apply the update for parameter ``index`` in place."""
+    def step_param(
+        self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float, piece: tuple[int, int] | None = None
+    ) -> None:
+        """Apply the update for parameter ``index`` in place; with ``piece = (start, stop)`` only to its
+        flattened elements ``start:stop``, ``grad`` being theirs (flat)."""
+
+    def step_params(
+        self, indices: Sequence[int], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float
+    ) -> None:
+        """:meth:`step_param` for whole parameters, in order (an optimizer may batch them: same bits)."""
+        for index, param, grad in zip(indices, params, grads):
+            self.step_param(index, param, grad, lr)
 
     @abstractmethod
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -50,10 +61,22 @@ class SGD(ClientOptimizer):
         pass
 
     @torch.no_grad()
-    def step_param(self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    def step_param(
+        self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float, piece: tuple[int, int] | None = None
+    ) -> None:
+        target = param if piece is None else param.view(-1)[piece[0] : piece[1]]
         if self.weight_decay:
-            param.mul_(1.0 - lr * self.weight_decay)
-        param.add_(grad, alpha=-lr)
+            target.mul_(1.0 - lr * self.weight_decay)
+        target.add_(grad, alpha=-lr)
+
+    @torch.no_grad()
+    def step_params(
+        self, indices: Sequence[int], params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: float
+    ) -> None:
+        params, grads = list(params), list(grads)
+        if self.weight_decay:
+            torch._foreach_mul_(params, 1.0 - lr * self.weight_decay)
+        torch._foreach_add_(params, grads, alpha=-lr)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {}
@@ -87,11 +110,16 @@ class AdamW(ClientOptimizer):
         self.step += 1
 
     @torch.no_grad()
-    def step_param(self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+    def step_param(
+        self, index: int, param: torch.Tensor, grad: torch.Tensor, lr: float, piece: tuple[int, int] | None = None
+    ) -> None:
         if index not in self.exp_avg:
             self.exp_avg[index] = torch.zeros_like(param)
             self.exp_avg_sq[index] = torch.zeros_like(param)
         m, v = self.exp_avg[index], self.exp_avg_sq[index]
+        if piece is not None:
+            start, stop = piece
+            param, m, v = param.view(-1)[start:stop], m.view(-1)[start:stop], v.view(-1)[start:stop]
         if self.weight_decay:
             param.mul_(1.0 - lr * self.weight_decay)
         m.mul_(self.beta1).add_(grad, alpha=1.0 - self.beta1)

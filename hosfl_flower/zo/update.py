@@ -20,18 +20,17 @@ from typing import Any
 
 import torch
 
-from .ledger import LedgerEntry, zo_gradient
+from .directions import gradient_blocks
+from .ledger import LedgerEntry
 
 LR_SCHEDULES = ("constant", "cosine")
 
 
 @torch.no_grad()
 def estimate_norm(params: Sequence[torch.Tensor], entry: LedgerEntry) -> float:
-    """``‖ĝ‖₂`` of the entry's estimate, regenerated one parameter at a time (float64 sum)."""
-    coefficients = entry.coefficients()
+    """``‖ĝ‖₂`` of the entry's estimate, regenerated one block of the stream at a time (float64 sum)."""
     total = 0.0
-    for index, param in enumerate(params):
-        grad = zo_gradient(index, param, entry.seeds, coefficients, entry.directions)
+    for _, grad, _ in gradient_blocks(params, entry.seeds, entry.coefficients(), 0, entry.directions):
         total += float(grad.double().square().sum())
     return math.sqrt(total)
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from ...zo import LedgerEntry, cap_entry, fingerprint
+from ...zo import LedgerEntry, cap_entry, fingerprint, stream_length
 from ..base import Link, NodeInfo, RunSettings
 from ..hosfl.config import HOSFLSettings
 from ..hosfl.server import HOSFLServer
@@ -53,7 +53,7 @@ class ZOSFLServer(HOSFLServer):
             [reply.perturbed for reply in smashed.values()],
             seeds,
             s.mu,
-            len(self.model.client_parameters()),
+            stream_length(self.model.client_parameters()),
         )
         link.account.server_seconds += seconds
         per_node = dict(zip(smashed, zip(anchors, differences)))
@@ -68,7 +68,7 @@ class ZOSFLServer(HOSFLServer):
         entry = cap_entry(
             LedgerEntry(server_round, seeds, scalars, s.lr, s.mu), self.model.client_parameters(), 0.0, s.max_update_norm
         )
-        self.split_server.zo_apply(seeds, entry.scalars, s.lr, s.mu, len(self.model.client_parameters()))
+        self.split_server.zo_apply(seeds, entry.scalars, s.lr, s.mu, stream_length(self.model.client_parameters()))
         self.sync.append(entry)
         loss = sum(w * anchor for w, (anchor, _) in zip(weights, kept.values()))
         metrics.update({"train-loss": loss, "server-steps": 1})
