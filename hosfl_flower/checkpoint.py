@@ -52,6 +52,8 @@ RESUMABLE_KEYS = frozenset(
         "split-server.placement",
         "split-server.device",
         "split-server.num-gpus",
+        "split-server.ray-address",
+        "split-server.num-cpus",
         "client.device",
     }
 )

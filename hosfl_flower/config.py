@@ -93,6 +93,17 @@ CORE_OPTIONS: dict[str, Option] = {
         "none reserved, leaving every GPU to the ClientApp actors)",
         minimum=0.0,
     ),
+    "split-server.ray-address": Option(
+        "",
+        "placement='ray': the address of an existing Ray cluster the ServerApp connects to (host:port of its head, "
+        "e.g. 127.0.0.1:6379, or auto; Flower's deployment runtime); empty: the simulation engine's Ray",
+    ),
+    "split-server.num-cpus": Option(
+        0.0,
+        "placement='ray': the CPUs the split server's Ray actor (and each SplitFed V1 copy) reserves (0: none, as "
+        "under the simulation engine, whose ClientApp actors take every CPU; on a cluster 1 or more)",
+        minimum=0.0,
+    ),
     "client.device": Option(
         "cpu",
         f"where each node runs its forward passes and client steps: {DEVICE_HELP}; θ_c stays float32 on the CPU and a "
@@ -216,8 +227,23 @@ def _check_cross_keys(config: Mapping[str, Any]) -> None:
         key = "resume" if config["resume"] else "checkpoint-every"
         if not config["checkpoint-dir"]:
             raise ConfigError("checkpoint-dir", "", f"{key} needs a checkpoint directory")
+    _check_ray_address(config["split-server.ray-address"], config["split-server.placement"])
     if config["min-nodes"] and config["min-nodes"] < config["clients-per-round"]:
         raise ConfigError("min-nodes", config["min-nodes"], f"must be 0 or >= clients-per-round ({config['clients-per-round']})")
+
+
+def _check_ray_address(address: str, placement: str) -> None:
+    """``split-server.ray-address``: empty, ``auto``, a ``ray://`` address, or ``host:port``, with placement='ray'."""
+    key = "split-server.ray-address"
+    if not address:
+        return
+    if placement != "ray":
+        raise ConfigError(key, address, "needs split-server.placement='ray'")
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(key, address, "must be host:port of the cluster's head (e.g. 127.0.0.1:6379), auto or ray://...")
 
 
 def _vision_tiny_configs() -> dict:

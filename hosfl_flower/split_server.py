@@ -269,10 +269,14 @@ def average_states(states: Sequence[Mapping], weights: Sequence[float]) -> dict:
 class RaySplitServer:
     """A :class:`SplitServer` running as a Ray actor, behind the same interface.
 
-    Only for Flower's simulation engine, where Ray is already running in the ServerApp's process:
-    this waits for the engine to initialise Ray and never calls ``ray.init`` itself. The actor
-    reserves no CPU (``num_cpus=0``) because the client actor pool takes them all, and uses as many
-    torch threads as the creating process so that its arithmetic matches the in-process placement bit for bit.
+    Without ``ray_address`` it runs under Flower's simulation engine, where Ray is already running in
+    the ServerApp's process: it waits for the engine to initialise Ray and never calls ``ray.init``
+    itself. With ``ray_address`` (``split-server.ray-address``, e.g. ``127.0.0.1:6379`` or ``auto``) it
+    connects the process to that existing cluster if Ray is not initialised yet (Flower's deployment
+    runtime), and :meth:`close` disconnects what it connected. The actor reserves ``num_cpus`` CPUs
+    (``split-server.num-cpus``; 0 by default because in simulation the client actor pool takes them
+    all) and uses as many torch threads as the creating process so that its arithmetic matches the
+    in-process placement bit for bit.
 
     With a CUDA ``device`` the actor reserves ``num_gpus`` Ray GPUs (``split-server.num-gpus``) and runs
     on the one Ray assigns it (Ray makes the assigned GPUs the actor's only visible ones, so an index in
@@ -283,36 +287,65 @@ class RaySplitServer:
     detached = True
     """The actor steps its own ``θ_s`` (see :func:`sync_server_segment`)."""
 
-    def __init__(self, model: SplitModel, wait_seconds: float = 120.0, num_gpus: float = 0.0, **optimizer_kwargs) -> None:
+    def __init__(
+        self,
+        model: SplitModel,
+        wait_seconds: float = 120.0,
+        num_gpus: float = 0.0,
+        num_cpus: float = 0.0,
+        ray_address: str = "",
+        **optimizer_kwargs,
+    ) -> None:
         import ray
 
+        self._ray = ray
+        self.owns_ray = connect_ray(ray_address) if ray_address else False  # then close() calls ray.shutdown
         deadline = time.monotonic() + wait_seconds
         while not ray.is_initialized():
             if time.monotonic() > deadline:
-                raise RuntimeError("split-server.placement='ray' needs Flower's simulation engine (Ray was not initialised)")
+                raise RuntimeError(
+                    "split-server.placement='ray' needs Flower's simulation engine or split-server.ray-address "
+                    "(Ray was not initialised)"
+                )
             time.sleep(0.05)
-        self._ray = ray
         optimizer_kwargs.setdefault("num_threads", torch.get_num_threads())  # as the ServerApp's (torch-threads)
-        self._template, self._kwargs = model, {**optimizer_kwargs, "wait_seconds": wait_seconds, "num_gpus": num_gpus}
+        self._template = model
+        self._kwargs = {
+            **optimizer_kwargs,
+            "wait_seconds": wait_seconds,
+            "num_gpus": num_gpus,
+            "num_cpus": num_cpus,
+            "ray_address": ray_address,  # the copies join the same cluster (already connected: they own nothing)
+        }
         gpus = float(num_gpus) if torch.device(optimizer_kwargs.get("device", "cpu")).type == "cuda" else 0.0
         actor_kwargs = {**optimizer_kwargs, "device": "cuda"} if gpus > 0 else optimizer_kwargs
-        actor_class = ray.remote(num_cpus=0, num_gpus=gpus)(SplitServer)
+        actor_class = ray.remote(num_cpus=float(num_cpus), num_gpus=gpus)(SplitServer)
         self._actor: Any = cast(Any, actor_class.remote(model, **actor_kwargs))  # a Ray actor handle
         self._pool: list[RaySplitServer] = []
         ready, _ = ray.wait([self._actor.ready.remote()], timeout=wait_seconds)
         if not ready:
-            ray.kill(self._actor)
+            self._abandon()
             raise RuntimeError(
-                f"the split server's Ray actor (num_gpus={gpus:g}) was not placed within {wait_seconds:g} s: the ClientApp "
-                "actors may hold every GPU; lower split-server.num-gpus or the clients' GPU share (--num-gpus-per-client)"
+                f"the split server's Ray actor (num_cpus={float(num_cpus):g}, num_gpus={gpus:g}) was not placed within "
+                f"{wait_seconds:g} s: the ClientApp actors may hold every CPU or GPU; lower split-server.num-cpus, "
+                "split-server.num-gpus or the clients' share (--num-gpus-per-client)"
             )
         try:
             ray.get(ready[0])
         except Exception as error:  # noqa: BLE001 - Ray wraps whatever the constructor raised
-            ray.kill(self._actor)
-            lines = str(error).strip().splitlines()
-            reason = lines[-1] if lines else type(error).__name__
-            raise RuntimeError(f"the split server's Ray actor did not start: {reason}") from None
+            self._abandon()
+            raise RuntimeError(f"the split server's Ray actor did not start: {_last_line(error)}") from None
+
+    def _abandon(self) -> None:
+        self._ray.kill(self._actor)
+        if self.owns_ray:
+            self._ray.shutdown()
+            self.owns_ray = False
+
+    @property
+    def node_id(self) -> str:
+        """The Ray node the actor runs on (its hex id)."""
+        return self._ray.get(self._actor.__ray_call__.remote(lambda actor: _ray_node_id()))
 
     def step(self, batches, weights, apply: bool = True) -> StepResult:
         return self._ray.get(self._actor.step.remote(list(batches), list(weights), apply))
@@ -356,11 +389,63 @@ class RaySplitServer:
         return self._actor.step.remote(list(batches), list(weights))
 
     def close(self) -> None:
-        """Stop the actor and its pooled copies."""
+        """Stop the actor and its pooled copies; disconnect from the cluster if this server connected."""
         for twin in self._pool:
             twin.close()
         self._pool = []
-        self._ray.kill(self._actor)
+        self._abandon()
+
+
+def _last_line(error: BaseException) -> str:
+    """The last line of an exception's message (Ray's are long), or its type's name."""
+    lines = str(error).strip().splitlines()
+    return lines[-1].strip() if lines else type(error).__name__
+
+
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _bootstrap_address(address: str) -> str | None:
+    """The ``host:port`` Ray itself will dial for ``address`` (it replaces a loopback host by the node's
+    IP unless Ray is in its single-machine mode), or ``None`` when it cannot be told here."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address)
+    except Exception:  # noqa: BLE001 - a private helper: without it, ray.init decides
+        return None
+
+
+def connect_ray(address: str, connect_timeout: float = 5.0) -> bool:
+    """Connect this process to the Ray cluster at ``address`` (``split-server.ray-address``) unless Ray is
+    initialised already; return whether it called ``ray.init``. A cluster that cannot be reached fails
+    with one line naming the key and the address (the TCP check first, so a closed port fails in
+    ``connect_timeout`` seconds rather than Ray's minutes of retries)."""
+    import socket
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    key = f"split-server.ray-address={address!r}"
+    target = None if address.startswith("ray://") else _bootstrap_address(address)
+    if target:
+        host, _, port = target.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=connect_timeout):
+                pass
+        except (OSError, ValueError) as error:
+            via = "" if target == address else f" (Ray dials {target})"
+            reason = (error.strerror if isinstance(error, OSError) else None) or str(error) or type(error).__name__
+            raise RuntimeError(f"{key}: cannot reach the Ray cluster{via}: {reason}") from None
+    try:
+        ray.init(address=address, namespace="hosfl-flower", log_to_driver=False, configure_logging=False)
+    except Exception as error:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
+        raise RuntimeError(f"{key}: cannot connect to the Ray cluster: {_last_line(error)}") from None
+    return True
 
 
 def step_each(
@@ -376,11 +461,17 @@ def step_each(
 
 
 def build_split_server(
-    model: SplitModel, placement: str, num_gpus: float = 0.0, **optimizer_kwargs
+    model: SplitModel,
+    placement: str,
+    num_gpus: float = 0.0,
+    num_cpus: float = 0.0,
+    ray_address: str = "",
+    **optimizer_kwargs,
 ) -> SplitServer | RaySplitServer:
-    """A split server in this process (``local``) or as a Ray actor (``ray``, reserving ``num_gpus`` for a CUDA device)."""
+    """A split server in this process (``local``) or as a Ray actor (``ray``: reserving ``num_cpus`` CPUs and,
+    for a CUDA device, ``num_gpus`` GPUs, on the cluster at ``ray_address`` or else the simulation engine's Ray)."""
     if placement == "local":
         return SplitServer(model, **optimizer_kwargs)
     if placement == "ray":
-        return RaySplitServer(model, num_gpus=num_gpus, **optimizer_kwargs)
+        return RaySplitServer(model, num_gpus=num_gpus, num_cpus=num_cpus, ray_address=ray_address, **optimizer_kwargs)
     raise ValueError(f"unknown split-server placement {placement!r}; allowed: local, ray")

@@ -37,6 +37,7 @@ HEAVIEST_FIRST = (
     "test_simulation.py",
     "test_protocol_plugin.py",
     "test_devices.py",
+    "test_ray_cluster.py",
     "test_estimators.py",
     "test_checkpoint_checks.py",
 )

@@ -1,5 +1,6 @@
 """The deployment runtime on loopback, in one run (deployments are the suite's most expensive tests): a
-SuperLink and two SuperNodes over TLS with SuperNode authentication run HO-SFL to completion, while
+SuperLink and three SuperNodes over TLS with SuperNode authentication run HO-SFL to completion, the split
+server a Ray actor on a single-node Ray cluster on 127.0.0.1 that the runner starts for the run, while
 
 - a third SuperNode, started with a key that was never registered, is refused by the SuperLink and its
   partition never appears;
@@ -8,7 +9,8 @@ SuperLink and two SuperNodes over TLS with SuperNode authentication run HO-SFL t
   synchronisation finds every node at the server's version;
 - the rounds before the restart equal the in-process reference loop's bit for bit (the reference loop
   equals a simulation with the same seed and partitions: test_simulation.py);
-- no process is left behind.
+- the ServerApp connects to that cluster (its log names the address), the head binds to 127.0.0.1 only;
+- no process is left behind, Flower's or Ray's.
 
 The flags and the connection config of the insecure mode (and of this one) are checked without a
 deployment in test_deployment_unit.py."""
@@ -29,15 +31,19 @@ pytestmark = pytest.mark.slow
 
 runner = _load_runner()
 
-# Two registered SuperNodes: every message starts a flwr-clientapp process on its SuperNode (about 7 CPU seconds
-# each: torch, the data, the model), so each one fewer saves a process per exchange; two are enough for every
-# property (one restarted while the other carries round 2 alone, both in every round after the rejoin).
-NUM_SUPERNODES = 2
+# Three registered SuperNodes (every message starts a flwr-clientapp process on its SuperNode, about 7 CPU seconds
+# each: torch, the data, the model, so each one more costs a process per exchange): one restarted while the other
+# two carry round 2, all three in every round after the rejoin.
+NUM_SUPERNODES = 3
 RESTARTED, AFTER_ROUND = 1, 1  # SuperNode 1 (partition 1) is stopped once round 1 is logged
 ROUNDS = 3
 # Every round samples every connected node (clients-per-round = the SuperNodes), so the restarted one is in
 # each round it is connected for; evaluated every round, so round 1's row carries the model's accuracy.
-RUN_CONFIG = f"num-server-rounds={ROUNDS} eval-every=1 clients-per-round={NUM_SUPERNODES} seed=3 round-timeout=120"
+# The split server reserves one CPU of the Ray head's one (split-server.num-cpus; the runner sets the placement
+# and the address).
+RUN_CONFIG = (
+    f"num-server-rounds={ROUNDS} eval-every=1 clients-per-round={NUM_SUPERNODES} seed=3 round-timeout=120 split-server.num-cpus=1"
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +60,8 @@ def deployment(tmp_path_factory) -> dict[str, Any]:
         timeout=600,
         quiet=True,
         app_dir=ROOT,
+        ray_head=True,
+        ray_head_cpus=1,
     )
 
 
@@ -88,7 +96,7 @@ def test_a_supernode_with_an_unregistered_key_never_joins(deployment):
     assert "Failed to initialize the connection" in Path(deployment["logs"]["unregistered-0"]).read_text()
     log = _run_log(deployment)
     listed = [json.loads(m) for m in re.findall(r"nodes, partitions (\[[0-9, ]*\])", log)]
-    assert listed and all(NUM_SUPERNODES not in partitions for partitions in listed), listed  # its partition: 2
+    assert listed and all(NUM_SUPERNODES not in partitions for partitions in listed), listed  # its partition: 3
     rows = _rounds(Path(deployment["results_dir"]))
     assert max(row.get("smash-replies", 0) for row in rows) <= NUM_SUPERNODES
 
@@ -121,3 +129,20 @@ def test_the_rounds_before_the_restart_equal_the_reference_loop(deployment):
     for row in _rounds(results)[:AFTER_ROUND]:
         for key in ("train-loss", "accuracy", "loss", "samples", "server-steps", "skipped"):
             assert row.get(key) == reference[row["round"]].get(key), (row["round"], key)
+
+
+def test_the_split_server_ran_as_a_ray_actor_on_the_runners_loopback_cluster_and_no_ray_process_is_left(deployment):
+    ray = deployment["ray"]
+    address = ray["address"]
+    assert address.startswith("127.0.0.1:")
+    assert "--node-ip-address=127.0.0.1" in ray["command"] and f"--port={address.split(':')[1]}" in ray["command"]
+    assert "--include-dashboard=false" in ray["command"]
+    log = _run_log(deployment)
+    connected = re.findall(r"split server: a Ray actor on the cluster at (\S+) \(GCS (\S+), node \w+, ([^)]*)\)", log)
+    assert connected == [(address, address, "connected by the ServerApp")], log[-3000:]
+    config = json.loads((Path(deployment["results_dir"]) / "summary.json").read_text())["config"]
+    assert config["split-server.placement"] == "ray" and config["split-server.ray-address"] == address
+    assert config["split-server.num-cpus"] == 1.0
+    assert "Local node IP: 127.0.0.1" in Path(deployment["logs"]["ray-head"]).read_text()  # loopback only
+    assert runner._started(ray["pid"]) is None
+    assert runner.ray_processes(ray["temp_dir"], address) == {}  # whenever started: temp dir and port are this run's

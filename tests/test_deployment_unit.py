@@ -211,6 +211,19 @@ def test_tls_deployment_authenticates_supernodes(monkeypatch, tmp_path):
     assert "root-certificates" in config and "insecure" not in config
 
 
+def test_ray_head_flags_and_run_config(monkeypatch, tmp_path):
+    monkeypatch.setattr(runner, "wait_for_ray_head", lambda head: None)
+    started, _ = _dry_run(monkeypatch, tmp_path, num_supernodes=2, ray_head=True, ray_head_cpus=2)
+    head, env = started["ray-head"]
+    assert head[1:4] == ["start", "--head", "--block"] and "--node-ip-address=127.0.0.1" in head
+    assert "--num-cpus=2" in head and "--include-dashboard=false" in head
+    temp_dir = next(arg.split("=", 1)[1] for arg in head if arg.startswith("--temp-dir="))
+    assert env[runner.RAY_MARKER] == temp_dir and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    port = next(arg.split("=", 1)[1] for arg in head if arg.startswith("--port="))
+    submitted = " ".join(started["flwr-run"][0])
+    assert 'split-server.placement="ray"' in submitted and f'split-server.ray-address="127.0.0.1:{port}"' in submitted
+
+
 def test_bad_combinations_fail_before_anything_starts(tmp_path):
     with pytest.raises(ValueError, match="needs TLS"):
         runner.run_deployment(work_dir=tmp_path / "a", node_auth=True)

@@ -3,7 +3,8 @@
 Starts ``flower-superlink`` and ``flower-supernode`` processes (insecure, or with TLS from a
 throwaway CA and, by default with TLS, SuperNode authentication: a key pair per SuperNode, each
 public key registered with the SuperLink), submits the app with ``flwr run``, waits for the run to
-finish, and always stops every process it started. Usable as a script (``python
+finish, and always stops every process it started. With ``--ray-head`` it also starts a single-node Ray
+cluster on 127.0.0.1 for the run and places the split server there as a Ray actor. Usable as a script (``python
 examples/deployment/run.py --help``) or as a module (:func:`run_deployment`).
 """
 
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -273,6 +275,119 @@ def flower_processes(needles: Iterable[str], since: int = 0) -> dict[int, str]:
     return found
 
 
+# --------------------------------------------------------------------------- a local Ray head
+RAY_MARKER = "HOSFL_DEPLOYMENT_RAY_HEAD"
+"""Set (to the head's temp dir) in the environment of ``ray start`` for a run; Ray's processes inherit it."""
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+"""Ray's single-machine mode: the node's IP stays 127.0.0.1 (on Linux Ray replaces a loopback address by the
+machine's IP), so every Ray port binds to loopback; a driver (the ServerApp) needs it too to dial 127.0.0.1."""
+UNIX_SOCKET_LIMIT = 107
+RAY_SOCKET_SUFFIX = len("/session_2026-01-01_00-00-00_000000_4194304/sockets/plasma_store")
+
+
+@dataclass
+class RayHead:
+    """A single-node Ray cluster started for one run (``ray start --head --block``, a child of the runner)."""
+
+    port: int
+    temp_dir: Path
+    own_temp_dir: bool  # a short directory created under /tmp (the work dir's path was too long), removed at the end
+    process: subprocess.Popen
+    log: Path
+    command: list[str]
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+
+def ray_temp_dir(work: Path) -> tuple[Path, bool]:
+    """Ray's ``--temp-dir`` for a run: ``<work>/ray`` if its socket paths stay within the Unix limit, else a
+    new short directory under /tmp (the ``bool``: whether it must be removed at the end)."""
+    candidate = work / "ray"
+    if len(str(candidate)) + RAY_SOCKET_SUFFIX <= UNIX_SOCKET_LIMIT:
+        candidate.mkdir(parents=True, exist_ok=True)
+        return candidate, False
+    return Path(tempfile.mkdtemp(prefix="hosfl-ray-", dir="/tmp" if Path("/tmp").is_dir() else None)), True
+
+
+def ray_head_command(port: int, temp_dir: Path, num_cpus: int) -> list[str]:
+    """``ray start --head --block`` on 127.0.0.1 at ``port``, with ``num_cpus`` CPUs and no dashboard; the
+    ports that default to fixed numbers (Ray Client 10001, the dashboard agent 52365) get free ones."""
+    return [
+        str(BIN / "ray"), "start", "--head", "--block", f"--node-ip-address={HOST}", f"--port={port}",
+        f"--num-cpus={num_cpus}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+    ]
+
+
+def start_ray_head(
+    start: Callable[..., subprocess.Popen], work: Path, num_cpus: int = 1, log_dir: Path | None = None
+) -> RayHead:
+    """Start a Ray head with ``start(name, command, log=..., env=...)`` (:meth:`ProcessGroup.start`); the caller
+    waits for it (:func:`wait_for_ray_head`) and stops it by PID."""
+    port = free_port()
+    temp_dir, own = ray_temp_dir(work)
+    log = (log_dir or work) / "ray-head.log"
+    env = {**RAY_LOOPBACK_ENV, RAY_MARKER: str(temp_dir)}
+    command = ray_head_command(port, temp_dir, num_cpus)
+    try:
+        process = start("ray-head", command, log=log, env=env)
+    except BaseException:
+        if own:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        raise
+    return RayHead(port, temp_dir, own, process, log, command)
+
+
+def wait_for_ray_head(head: RayHead, timeout: float = 90.0) -> None:
+    """Wait until the head's GCS listens and ``ray start`` reports the runtime started (its raylet is up)."""
+    wait_for_port(head.port, head.process, "ray start --head", timeout)
+    deadline = time.monotonic() + timeout
+    while "Ray runtime started" not in head.log.read_text(errors="replace"):
+        if head.process.poll() is not None:
+            raise DeploymentError(f"ray start --head exited with code {head.process.returncode}; see {head.log}")
+        if time.monotonic() > deadline:
+            raise DeploymentError(f"the Ray head did not start within {timeout:.0f}s; see {head.log}")
+        time.sleep(0.2)
+
+
+def _environ_has(pid: int, name: str, value: str) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"{name}={value}".encode() in raw.split(b"\0")
+
+
+def ray_program(args: Sequence[str]) -> bool:
+    """Whether ``args`` is one of Ray's processes: ``gcs_server``, ``raylet``, a ``ray`` command or script run
+    from the ``ray`` package, or a worker (which renames itself ``ray::...``)."""
+    if not args:
+        return False
+    if args[0].startswith("ray::"):
+        return True
+    names = [Path(arg).name for arg in args[:2]]
+    if any(name in ("gcs_server", "raylet", "ray") for name in names):
+        return True
+    return any("/ray/" in arg for arg in args[:3])
+
+
+def ray_processes(temp_dir: str, address: str, since: int = 0) -> dict[int, str]:
+    """Live Ray processes of the head whose temp dir is ``temp_dir``, started at or after ``since``: those
+    whose environment carries :data:`RAY_MARKER` for it (workers rename themselves, so arguments cannot
+    tell), or a Ray program with an argument naming the temp dir (or a path in it) or ``address``."""
+    found = {}
+    for pid in _all_pids():
+        started = _started(pid)
+        if started is None or started < since:
+            continue
+        args = argv(pid)
+        if _environ_has(pid, RAY_MARKER, temp_dir) or (ray_program(args) and names_one_of(args, [temp_dir, address])):
+            found[pid] = shlex.join(args)
+    return found
+
+
 class ProcessGroup:
     """Long-running processes started here, each logging to its own file, stopped together by PID.
 
@@ -342,14 +457,18 @@ class ProcessGroup:
                 process.wait(5.0)
         return process.returncode
 
-    def stop(self, strays: Iterable[str] = (), timeout: float = 20.0) -> list[int]:
+    def stop(
+        self, strays: Iterable[str] = (), timeout: float = 20.0, ray_heads: Iterable[RayHead] = ()
+    ) -> list[int]:
         """Stop everything by PID; return the PIDs still running (empty on success).
 
         SIGTERM to the processes started here, then to their descendants, then SIGKILL. Last, Flower
         processes started since the group was created with an argument that names one of ``strays``
-        exactly (the work dir, or a path in it; an address such as ``127.0.0.1:<port>``), not
-        recorded because they were orphaned during shutdown before they were seen, are killed too.
+        exactly (the work dir, or a path in it; an address such as ``127.0.0.1:<port>``), and Ray
+        processes of ``ray_heads`` (:func:`ray_processes`), not recorded because they were orphaned
+        during shutdown before they were seen, are killed too.
         """
+        heads = list(ray_heads)
         self.remember_descendants()
         for process in [*self.processes.values(), *self.retired]:
             if process.poll() is None:
@@ -362,14 +481,20 @@ class ProcessGroup:
             _signal(pid, signal.SIGKILL)
         self._wait(5.0)
         strays = list(strays)
-        for pid in flower_processes(strays, self.since):
+        for pid in self._strays(strays, heads):
             _signal(pid, signal.SIGKILL)
         for handle in self._handles:
             handle.close()
         deadline = time.monotonic() + 5.0
-        while (self.alive() or flower_processes(strays, self.since)) and time.monotonic() < deadline:
+        while (self.alive() or self._strays(strays, heads)) and time.monotonic() < deadline:
             time.sleep(0.1)
-        return sorted(set(self.alive()) | set(flower_processes(strays, self.since)))
+        return sorted(set(self.alive()) | self._strays(strays, heads))
+
+    def _strays(self, strays: Sequence[str], heads: Sequence[RayHead]) -> set[int]:
+        found = set(flower_processes(strays, self.since))
+        for head in heads:
+            found |= set(ray_processes(str(head.temp_dir), head.address, self.since))
+        return found
 
     def _wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -536,6 +661,8 @@ def run_deployment(
     unregistered_supernodes: int = 0,
     restart_supernode: tuple[int, int] | None = None,
     restart_downtime: float = 10.0,
+    ray_head: bool = False,
+    ray_head_cpus: int = 1,
 ) -> dict[str, Any]:
     """Start the deployment, run the app to a final status, stop everything; return the outcome.
 
@@ -545,13 +672,17 @@ def run_deployment(
     ``unregistered_supernodes`` more SuperNodes are started with keys that are not registered (the
     SuperLink must refuse them; they claim partitions ``N, N+1, ...``). ``restart_supernode=(i, r)``
     stops SuperNode ``i`` once the run log shows round ``r`` and starts it again ``restart_downtime``
-    seconds later, with the same key, partition, port and node store.
+    seconds later, with the same key, partition, port and node store. ``ray_head`` starts a single-node Ray
+    cluster on 127.0.0.1 (``ray start --head --block``, ``ray_head_cpus`` CPUs, its temp dir ``<work_dir>/ray``
+    or a short one under /tmp) as a child of this process, sets ``split-server.placement='ray'`` and
+    ``split-server.ray-address`` to it in the run config, and stops it by PID at the end.
 
     The returned dict has ``run`` (the ``flwr ls`` record; ``run["status"]`` is e.g.
     ``finished:completed``), ``results_dir`` (where the app's ``results-dir`` points, if it has
     that key), ``work_dir``, ``logs`` (name -> log file), ``ports``, ``node_auth``, ``node_ids``
     (SuperNode name -> the id its registration got), ``refused`` (unregistered SuperNode name -> its
-    exit code, ``None`` if it was still running), ``restart`` (what the restart did, or ``None``) and
+    exit code, ``None`` if it was still running), ``restart`` (what the restart did, or ``None``), ``ray``
+    (the Ray head's ``address``, ``temp_dir``, ``pid`` and ``command``, or ``None``) and
     ``leftover_pids`` (empty unless stopping failed, which raises). ``min-nodes`` and ``results-dir``
     default to ``num_supernodes`` and ``<work_dir>/results`` when the app has those keys; ``run_config`` wins.
     """
@@ -565,6 +696,10 @@ def run_deployment(
     restart = Restart(*restart_supernode, downtime=restart_downtime) if restart_supernode else None
     if restart is not None and not (0 <= restart.index < num_supernodes and restart.after_round >= 1):
         raise ValueError(f"restart_supernode={restart_supernode}: needs a SuperNode index < {num_supernodes} and a round >= 1")
+    if ray_head_cpus < 0:
+        raise ValueError("ray_head_cpus must be >= 0")
+    if ray_head and "split-server.ray-address" not in app_config_keys(Path(app_dir).resolve()):
+        raise ValueError("--ray-head needs an app with the split-server.placement and split-server.ray-address keys")
     work = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="flwr-deployment-"))
     work = work.resolve()
     app = Path(app_dir).resolve()
@@ -587,6 +722,8 @@ def run_deployment(
             "PYTHONUNBUFFERED": "1",
         }
     )
+    if ray_head:
+        env.update(RAY_LOOPBACK_ENV)  # the ServerApp, a Ray driver, dials the head on 127.0.0.1
     certs = make_certificates(work / "certificates") if tls else None
     if certs is None:
         link_tls, node_tls = ["--insecure"], ["--insecure"]
@@ -637,7 +774,9 @@ def run_deployment(
         "node_ids": {},
         "refused": {},
         "restart": None,
+        "ray": None,
     }
+    head: RayHead | None = None
 
     def flwr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -667,6 +806,10 @@ def run_deployment(
     try:
         auth = "with SuperNode authentication" if node_auth else "without SuperNode authentication"
         say(f"work dir {work} ({'TLS' if tls else 'insecure'}, {auth}), SuperLink on {HOST}:{link_port}")
+        if ray_head:  # it starts while the SuperLink does
+            head = start_ray_head(group.start, work, ray_head_cpus, log_dir)
+            outcome["ray"] = {"address": head.address, "temp_dir": str(head.temp_dir), "pid": head.process.pid,
+                              "command": shlex.join(head.command)}
         superlink = group.start(
             "superlink",
             [str(BIN / "flower-superlink"), *link_tls, "--host", HOST, "--port", str(link_port),
@@ -683,6 +826,10 @@ def run_deployment(
             group.start(name, command, env=node_env)
         # Submit while the SuperNodes start: the ServerApp waits for them (min-nodes).
         merged = {**defaults, **overrides}
+        if head is not None:
+            wait_for_ray_head(head)
+            merged.update({"split-server.placement": "ray", "split-server.ray-address": head.address})
+            say(f"Ray head on {head.address} (temp dir {head.temp_dir})")
         command = [str(BIN / "flwr"), "run", str(app), CONNECTION, "--format", "json"]
         if merged:
             command += ["-c", format_run_config(merged)]
@@ -712,8 +859,11 @@ def run_deployment(
         outcome["refused"] = {name: group.processes[name].poll() for name in unregistered if name in group.processes}
         outcome["restart"] = restart.as_dict() if restart is not None else None
         ports = [link_port, *node_ports, *extra_ports]
-        leftover = group.stop(strays=[str(work), *(f"{HOST}:{port}" for port in ports)])
+        heads = [head] if head is not None else []
+        leftover = group.stop(strays=[str(work), *(f"{HOST}:{port}" for port in ports)], ray_heads=heads)
         outcome["leftover_pids"] = leftover
+        if head is not None and head.own_temp_dir and not leftover:
+            shutil.rmtree(head.temp_dir, ignore_errors=True)
         if leftover:
             raise DeploymentError(f"processes still running after stop: {leftover}")
         say(f"stopped {len(group.processes) + len(group.retired)} processes and their children; logs in {log_dir}")
@@ -750,6 +900,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="stop SuperNode INDEX once round ROUND is logged and start it again (same key, partition, node store)",
     )
     parser.add_argument("--restart-downtime", type=float, default=10.0, help="seconds the restarted SuperNode stays down")
+    parser.add_argument(
+        "--ray-head", action="store_true",
+        help="start a single-node Ray cluster on 127.0.0.1 for the run and place the split server on it (a Ray actor)",
+    )
+    parser.add_argument("--ray-head-cpus", type=int, default=1, help="CPUs of the --ray-head cluster (default 1)")
     parser.add_argument("--work-dir", type=Path, help="logs, Flower home, certificates, results (default: a new temp dir)")
     parser.add_argument("--app-dir", type=Path, default=REPO_ROOT, help="Flower App directory (default: the repository)")
     parser.add_argument("--superlink-port", type=int, help="SuperLink port (default: a free port)")
@@ -772,6 +927,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             unregistered_supernodes=args.unregistered_supernodes,
             restart_supernode=args.restart_supernode,
             restart_downtime=args.restart_downtime,
+            ray_head=args.ray_head,
+            ray_head_cpus=args.ray_head_cpus,
         )
     except (DeploymentError, ValueError) as error:
         print(f"[deployment] error: {error}", file=sys.stderr)
@@ -782,6 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"[deployment] {name} (unregistered key): " + ("still running" if code is None else f"exited with code {code}"))
     if outcome["results_dir"] and Path(outcome["results_dir"]).is_dir():
         print(f"[deployment] results: {outcome['results_dir']}")
+    if outcome["ray"]:
+        print(f"[deployment] split server on the Ray head at {outcome['ray']['address']} (stopped)")
     print(f"[deployment] logs: {Path(outcome['work_dir']) / 'logs'}")
     return 0 if status == "finished:completed" else 1
 

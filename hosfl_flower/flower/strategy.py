@@ -145,7 +145,21 @@ class HOSFLStrategy(CheckpointMixin, ServerHooks, MultiExchangeStrategy):
                 device=self.cfg["split-server.device"],
                 precision=self.cfg["split-server.precision"],
                 num_gpus=self.cfg["split-server.num-gpus"],
+                num_cpus=self.cfg["split-server.num-cpus"],
+                ray_address=self.cfg["split-server.ray-address"],
             )
+            if isinstance(self._split_server, RaySplitServer) and self.cfg["split-server.ray-address"]:
+                import ray
+
+                log(
+                    INFO,
+                    "[%s] split server: a Ray actor on the cluster at %s (GCS %s, node %s, %s)",
+                    self.name,
+                    self.cfg["split-server.ray-address"],
+                    ray.get_runtime_context().gcs_address,
+                    self._split_server.node_id[:12],
+                    "connected by the ServerApp" if self._split_server.owns_ray else "Ray already initialised",
+                )
         return self._split_server
 
     @property
