@@ -264,13 +264,19 @@ def flower_processes(needles: Iterable[str], since: int = 0) -> dict[int, str]:
     """Live Flower processes (by program name) started at or after ``since`` (clock ticks since boot) that
     have an argument naming one of ``needles`` exactly (:func:`names_one_of`), with their command lines."""
     needles = list(needles)
+    return _processes_since(since, lambda pid, args: flower_program(args) is not None and names_one_of(args, needles))
+
+
+def _processes_since(since: int, matches: Callable[[int, list[str]], bool]) -> dict[int, str]:
+    """Live processes started at or after ``since`` (clock ticks since boot) that ``matches(pid, argv)``,
+    with their command lines."""
     found = {}
     for pid in _all_pids():
         started = _started(pid)
         if started is None or started < since:
             continue
         args = argv(pid)
-        if flower_program(args) is not None and names_one_of(args, needles):
+        if matches(pid, args):
             found[pid] = shlex.join(args)
     return found
 
@@ -377,15 +383,11 @@ def ray_processes(temp_dir: str, address: str, since: int = 0) -> dict[int, str]
     """Live Ray processes of the head whose temp dir is ``temp_dir``, started at or after ``since``: those
     whose environment carries :data:`RAY_MARKER` for it (workers rename themselves, so arguments cannot
     tell), or a Ray program with an argument naming the temp dir (or a path in it) or ``address``."""
-    found = {}
-    for pid in _all_pids():
-        started = _started(pid)
-        if started is None or started < since:
-            continue
-        args = argv(pid)
-        if _environ_has(pid, RAY_MARKER, temp_dir) or (ray_program(args) and names_one_of(args, [temp_dir, address])):
-            found[pid] = shlex.join(args)
-    return found
+    return _processes_since(
+        since,
+        lambda pid, args: _environ_has(pid, RAY_MARKER, temp_dir)
+        or bool(ray_program(args) and names_one_of(args, [temp_dir, address])),
+    )
 
 
 class ProcessGroup:
