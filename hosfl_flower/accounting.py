@@ -20,6 +20,11 @@ CATEGORIES = (
     "other",
 )
 
+CUT_CATEGORIES = ("activations_up", "labels_up", "activation_grads_down")
+"""Cut traffic: what crosses the cut layer (smashed activations, their labels, activation gradients)."""
+WEIGHT_CATEGORIES = ("model_up", "model_down", "scalars_up", "seeds_and_ledger_down")
+"""Weight traffic: what synchronises the client segment (states, or HO-SFL's scalars, seeds and ledger)."""
+
 
 def record_bytes(record) -> int:
     """``record.count_bytes()``; for config/metric records Flower cannot count (empty strings or
@@ -50,6 +55,10 @@ class RoundAccount:
     messages: int = 0
     client_seconds: float = 0.0
     server_seconds: float = 0.0
+    server_averaging: int = 0
+    """Bytes a separate fed server would exchange to average per-client server copies (each copy's
+    ``θ_s`` up and the average down): counted as the papers count it, not in ``bytes.total``, which is
+    what this deployment sends (the copies live in the server's process)."""
 
     def count(self, message: Message, categories: Mapping[str, str]) -> None:
         """Add the bytes of every record of ``message``: record ``name`` (up to its first ``.``) to
@@ -65,9 +74,13 @@ class RoundAccount:
         return sum(self.bytes.values())
 
     def as_metrics(self) -> dict[str, float | int]:
-        """Flat metrics: ``bytes.<category>`` for every category, totals, round trips and seconds."""
+        """Flat metrics: ``bytes.<category>`` for every category, the total, cut and weight traffic,
+        the server-side averaging, round trips and seconds."""
         metrics: dict[str, float | int] = {f"bytes.{c}": int(self.bytes.get(c, 0)) for c in CATEGORIES}
         metrics["bytes.total"] = self.total_bytes
+        metrics["bytes.cut"] = sum(int(self.bytes.get(c, 0)) for c in CUT_CATEGORIES)
+        metrics["bytes.weights"] = sum(int(self.bytes.get(c, 0)) for c in WEIGHT_CATEGORIES)
+        metrics["bytes.server_averaging"] = int(self.server_averaging)
         metrics["round-trips"] = self.round_trips
         metrics["client-seconds"] = self.client_seconds
         metrics["server-seconds"] = self.server_seconds

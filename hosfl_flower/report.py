@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .accounting import CATEGORIES
+from .accounting import CATEGORIES, CUT_CATEGORIES, WEIGHT_CATEGORIES
 from .recording import human_bytes
 
 
@@ -217,6 +217,18 @@ def _category_table(results: Sequence[StrategyResults]) -> list[str]:
     lines += ["| strategy | " + " | ".join(CATEGORIES) + " |", "|" + "---|" * (len(CATEGORIES) + 1)]
     for r in results:
         lines.append(f"| {r.strategy} | " + " | ".join(human_bytes(r.mean(_category(c))) for c in CATEGORIES) + " |")
+    lines += [
+        "",
+        "Cut traffic (" + ", ".join(CUT_CATEGORIES) + ") against weight traffic (" + ", ".join(WEIGHT_CATEGORIES) + "), "
+        "and the averaging of per-client server copies as the papers count it (each copy up and the average down, "
+        "not in the totals: here the copies live in the server's process). Mean over seeds:",
+        "",
+        "| strategy | cut traffic | weight traffic | server-side averaging |",
+        "|---|---|---|---|",
+    ]
+    for r in results:
+        cells = (human_bytes(r.mean(_category(c))) for c in ("cut", "weights", "server_averaging"))
+        lines.append(f"| {r.strategy} | " + " | ".join(cells) + " |")
     return lines
 
 

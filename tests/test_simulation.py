@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from hosfl_flower.accounting import CATEGORIES, CUT_CATEGORIES
 from hosfl_flower.reference import run_reference
 
 from .conftest import assert_equal_to_reference, load_results, run_simulation_cli
@@ -51,7 +52,11 @@ def test_flower_run_is_bit_identical_to_the_reference_loop(run):
     # one log line per round, with accuracy, loss and bytes
     lines = [line for line in process.stdout.splitlines() + process.stderr.splitlines() if "[hosfl] round" in line]
     assert len(lines) == ROUNDS and "test acc" in lines[5] and "bytes" in lines[5]
-    assert rows[0]["bytes.total"] == sum(v for k, v in rows[0].items() if k.startswith("bytes.") and k != "bytes.total")
+    categories = {f"bytes.{c}" for c in CATEGORIES}
+    assert rows[0]["bytes.total"] == sum(v for k, v in rows[0].items() if k in categories)
+    assert rows[0]["bytes.cut"] == sum(rows[0][f"bytes.{c}"] for c in CUT_CATEGORIES) > 0
+    assert rows[0]["bytes.weights"] == rows[0]["bytes.scalars_up"] + rows[0]["bytes.seeds_and_ledger_down"] > 0
+    assert rows[0]["bytes.server_averaging"] == 0
     assert rows[0]["bytes.model_down"] == 0 and rows[0]["round-trips"] == 2
 
 

@@ -112,6 +112,11 @@ class Aggregator:
         return {k: combined[k] for k in keys}
 
 
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of a state's tensors (weights and buffers), as a transfer of them would count them."""
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
 def state_distance(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
     """``‖θ − θ_ref‖₂`` over the floating-point tensors both states hold (float64 sum)."""
     total = 0.0

@@ -1,6 +1,7 @@
 """Imports the package's protocols, each of which registers itself."""
 
 from . import (
+    cse_fsl,  # noqa: F401
     fedavg,  # noqa: F401
     heron,  # noqa: F401
     hosfl,  # noqa: F401

@@ -12,6 +12,7 @@ from ...memory import MemoryCase
 from ...models.aux_head import AuxHead, build_aux_head
 from ...node.client import HOSFLClient
 from ...zo import SGD, LedgerEntry, apply_entry, mix_seed, perturb_, trainable_parameters
+from ..auxiliary import received_head
 from ..messages import Payload, SmashedBatch
 from ..registry import Handler
 from .config import HeronSettings
@@ -19,13 +20,6 @@ from .messages import HeronReply, HeronRequest
 
 DIRECTION_SALT = 0x4E50
 """Last part of a local step's direction seed ``mix_seed(seed, partition, round, step, DIRECTION_SALT)``."""
-
-
-def received_head(request: HeronRequest, z: torch.Tensor, num_classes: int) -> AuxHead:
-    """The auxiliary head of ``request`` (its input size and token pooling follow the node's ``z``)."""
-    head = build_aux_head(request.head, z, num_classes, seed=0)
-    head.load_state_dict(request.head_state)
-    return head
 
 
 @torch.no_grad()
@@ -97,9 +91,9 @@ def memory_step(case: MemoryCase) -> Callable[[], HeronReply]:
             {k: v.clone() for k, v in head.items()},
             HERON_STEPS,
             upload_every,
-            settings.mu,
             settings.lr,
             settings.head,
+            mu=settings.mu,
         )
         return heron(case.new_client(), request, case.server_round)
 

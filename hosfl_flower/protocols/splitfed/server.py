@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...split_server import RaySplitServer, SplitServer, StepResult, average_states, step_each
-from ..aggregation import state_distance
+from ..aggregation import state_bytes, state_distance
 from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from ..messages import ReplyError
 from .config import SplitFedSettings
@@ -51,7 +51,7 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
         """One server step per (node, batch); V2: in sequence on the one server model."""
         return [self.split_server.step([batch], [1.0]) for batch in batches]
 
-    def end_round(self, finished: Sequence[NodeInfo], weights: Sequence[float]) -> None:
+    def end_round(self, finished: Sequence[NodeInfo], weights: Sequence[float], link: Link) -> None:
         """Called once per round after the client segments are averaged; with no nodes the round was
         skipped and ``θ_s`` goes back to its state at the start of the round."""
         if not finished and self._snapshot is not None:
@@ -71,9 +71,9 @@ class SplitFedV2Server(ProtocolServer[SplitFedSettings]):
             weights = self.weights(server_round, [node.num_examples for node in finished])
             states = [reply.weights for reply in finished.values() if reply.weights is not None]
             self.model.load_client_state(self.aggregator.states(states, weights))
-            self.end_round(list(finished), weights)
+            self.end_round(list(finished), weights, link)
         else:
-            self.end_round([], [])
+            self.end_round([], [], link)
         if losses:
             metrics["train-loss"] = sum(losses) / len(losses)
         metrics["server-steps"] = 0 if metrics.get("skipped") else len(losses)
@@ -149,9 +149,11 @@ class SplitFedV1Server(SplitFedV2Server):
         """Each node's batch on its own copy (in parallel when the copies are Ray actors)."""
         return step_each([self._copies[node.node_id] for node in nodes], batches)
 
-    def end_round(self, finished: Sequence[NodeInfo], weights: Sequence[float]) -> None:
-        """``θ_s`` becomes the average of the finished nodes' copies (weights and optimizer state)."""
+    def end_round(self, finished: Sequence[NodeInfo], weights: Sequence[float], link: Link) -> None:
+        """``θ_s`` becomes the average of the finished nodes' copies (weights and optimizer state);
+        the account's ``server_averaging`` counts each copy's ``θ_s`` up and the average down."""
         if finished:
             states = [self._copies[node.node_id].state() for node in finished]
             self.split_server.load_state(average_states(states, weights))
+            link.account.server_averaging += 2 * len(finished) * state_bytes(states[0]["weights"])
         self._copies = {}
