@@ -22,7 +22,7 @@ from hosfl_flower.memory import DEFAULT_METHODS, measure_client_peak
 SPLITFED = "splitfed-v2"
 CORE = ("inference", "hosfl", SPLITFED)
 ALL_METHODS = DEFAULT_METHODS
-"""inference, hosfl, heron-sfl, splitfed-v2, zo-sfl, fedavg."""
+"""inference, hosfl, heron-sfl, splitfed-v2, zo-sfl, fedavg, cse-fsl, fsl-sage, mu-splitfed."""
 CASES = [
     # name, run config, methods, repeats, activations dominate (the HO-SFL / SplitFed target applies)
     ("cnn b32 (default)", {}, CORE, 5, False),

@@ -16,14 +16,16 @@ CATEGORIES = (
     "model_up",
     "model_down",
     "scalars_up",
+    "scalars_down",
     "seeds_and_ledger_down",
     "other",
 )
 
-CUT_CATEGORIES = ("activations_up", "labels_up", "activation_grads_down")
-"""Cut traffic: what crosses the cut layer (smashed activations, their labels, activation gradients)."""
-WEIGHT_CATEGORIES = ("model_up", "model_down", "scalars_up", "seeds_and_ledger_down")
-"""Weight traffic: what synchronises the client segment (states, or HO-SFL's scalars, seeds and ledger)."""
+CUT_CATEGORIES = ("activations_up", "labels_up", "activation_grads_down", "scalars_up", "scalars_down")
+"""Cut traffic, paid per step: what crosses the cut layer (smashed activations, their labels, activation
+gradients, and the scalars that stand for them: HO-SFL's probes, MU-SplitFed's loss differences)."""
+WEIGHT_CATEGORIES = ("model_up", "model_down", "seeds_and_ledger_down")
+"""Weight traffic: what synchronises the client segment (states, or HO-SFL's seeds and ledger entries)."""
 
 
 def record_bytes(record) -> int:

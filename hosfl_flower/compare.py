@@ -19,7 +19,17 @@ from .config import resolve_run_config
 from .protocols.registry import protocols
 from .round_cost import rounds_for_budget
 
-DEFAULT_STRATEGIES = ("hosfl", "heron-sfl", "splitfed-v2", "fedavg", "zo-sfl", "frozen-client")
+DEFAULT_STRATEGIES = (
+    "hosfl",
+    "heron-sfl",
+    "splitfed-v2",
+    "fedavg",
+    "zo-sfl",
+    "frozen-client",
+    "cse-fsl",
+    "fsl-sage",
+    "mu-splitfed",
+)
 ROUND_LINE = re.compile(r"\[(?P<name>[\w-]+)\] round\s+(?P<round>\d+)/(?P<total>\d+)(?P<rest>.*)")
 
 

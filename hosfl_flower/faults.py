@@ -152,6 +152,10 @@ def attack(mode: str, partition_id: int, request: Payload, reply: Payload, serve
         elif isinstance(value, dict):
             sent = _recall(_sent_path(run_id, partition_id, value))
             changed[name] = {k: _falsify(v, how, sent.get(k)) for k, v in value.items()}
+        elif isinstance(value, torch.Tensor):  # a perturbed activation shaped like z (MU-SplitFed's z±)
+            z = reply.batch.smashed["z"] if isinstance(getattr(reply, "batch", None), SmashedBatch) else None  # type: ignore[attr-defined]
+            flipped = z - 3.0 * (value - z) if z is not None and z.shape == value.shape else _falsify(value, how, None)
+            changed[name] = _huge(value) if how == "huge" else flipped
         elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
             changed[name] = [math.copysign(HUGE, v) if how == "huge" else -3.0 * v for v in value]
         elif value is not None:

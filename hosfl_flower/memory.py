@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DEFAULT_METHODS = ("inference", "hosfl", "heron-sfl", "splitfed-v2", "zo-sfl", "fedavg")
+DEFAULT_METHODS = ("inference", "hosfl", "heron-sfl", "splitfed-v2", "zo-sfl", "fedavg", "cse-fsl", "fsl-sage", "mu-splitfed")
 """The methods measured when none is named (``inference`` and a protocol per family)."""
 
 DEVICES = ("auto", "cpu", "cuda")

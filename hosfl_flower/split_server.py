@@ -207,6 +207,37 @@ class SplitServer:
         entry = LedgerEntry(0, tuple(seeds), tuple(scalars), lr, mu)
         apply_entry(self.model.server_parameters(), SGD(), entry, offset)
 
+    @torch.no_grad()
+    def zo_central_step(
+        self, smashed: Mapping[str, torch.Tensor], labels: torch.Tensor, seeds: Sequence[int], mu: float, lr: float
+    ) -> tuple[list[float], float]:
+        """MU-SplitFed's server step on one smashed batch: ``g_p = (ℓ(θ_s + μu_p) − ℓ(θ_s − μu_p)) / 2μ``
+        along the direction of each seed, then ``θ_s ← θ_s − lr/P Σ_p g_p u_p``. Returns the ``g_p`` and
+        compute seconds."""
+        start = time.perf_counter()
+        params = self.model.server_parameters()
+        smashed, labels = self._to_device(smashed), labels.to(self.device)
+        estimates = []
+        for seed in seeds:
+            perturb_(params, seed, mu)
+            try:
+                plus = float(self.model.loss(self.model.head(smashed), labels))
+                perturb_(params, seed, -2.0 * mu)
+                minus = float(self.model.loss(self.model.head(smashed), labels))
+            finally:
+                perturb_(params, seed, mu)
+            estimates.append((plus - minus) / (2.0 * mu))
+        for seed, estimate in zip(seeds, estimates):
+            perturb_(params, seed, -lr * estimate / len(seeds))
+        return estimates, time.perf_counter() - start
+
+    @torch.no_grad()
+    def losses(self, batches: Sequence[tuple[Mapping[str, torch.Tensor], torch.Tensor]]) -> tuple[list[float], float]:
+        """``ℓ(f_s(z), y)`` of each batch under the current ``θ_s`` (float32), and compute seconds."""
+        start = time.perf_counter()
+        values = [float(self.model.loss(self.model.head(self._to_device(z)), y.to(self.device))) for z, y in batches]
+        return values, time.perf_counter() - start
+
     def server_weights(self) -> dict[str, torch.Tensor]:
         """The server segment's state dict (weights and buffers), as CPU tensors."""
         return {k: _cpu_copy(v) for k, v in self.model.server.state_dict().items()}
@@ -361,6 +392,12 @@ class RaySplitServer:
 
     def zo_apply(self, *args, **kwargs) -> None:
         self._ray.get(self._actor.zo_apply.remote(*args, **kwargs))
+
+    def zo_central_step(self, *args, **kwargs) -> tuple[list[float], float]:
+        return self._ray.get(self._actor.zo_central_step.remote(*args, **kwargs))
+
+    def losses(self, *args, **kwargs) -> tuple[list[float], float]:
+        return self._ray.get(self._actor.losses.remote(*args, **kwargs))
 
     def server_weights(self) -> dict[str, torch.Tensor]:
         return self._ray.get(self._actor.server_weights.remote())

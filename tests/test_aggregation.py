@@ -108,7 +108,15 @@ class _Inflating(HOSFLClient):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "kept"), [("hosfl", "smash-replies"), ("zo-sfl", "smash-replies"), ("heron-sfl", "replies")]
+    ("strategy", "kept"),
+    [
+        ("hosfl", "smash-replies"),
+        ("zo-sfl", "smash-replies"),
+        ("heron-sfl", "replies"),
+        ("cse-fsl", "replies"),
+        ("fsl-sage", "replies"),
+        ("mu-splitfed", "finished"),
+    ],
 )
 def test_a_node_cannot_raise_its_own_weight_with_more_rows(strategy, kept):
     seen = []

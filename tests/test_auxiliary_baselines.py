@@ -119,3 +119,198 @@ def test_an_auxiliary_protocol_aggregates_weighted_by_the_server_known_examples(
     expected = (1.0 * 30 + 5.0 * 10) / 40
     assert all(torch.allclose(v, torch.full_like(v, expected)) for v in model.client_state().values())
     assert all(torch.allclose(v, torch.full_like(v, expected)) for v in protocol.aux_head.state_dict().values())
+
+
+# --------------------------------------------------------------------------- FSL-SAGE
+def linear_head_grad(head, z, labels):
+    """``∂ℓ/∂z`` of the mean cross-entropy of a linear head, by its closed form ``(softmax(Wz + b) − Y) W / B``
+    (differentiable in ``W`` and ``b``, with no autograd through the loss)."""
+    weight, bias = head.net.weight, head.net.bias
+    flat = z.flatten(1)
+    probabilities = torch.softmax(flat @ weight.T + bias, dim=1)
+    onehot = torch.nn.functional.one_hot(labels, weight.shape[0]).to(z.dtype)
+    return ((probabilities - onehot) @ weight / z.shape[0]).reshape(z.shape)
+
+
+def fsl_sage_protocol(**settings):
+    config = resolve_run_config({"strategy": "fsl-sage", "results-dir": "", "clients-per-round": 2, **settings})
+    model, test = server_model_and_test(config)
+    protocol = HOSFLStrategy(model, test, config).protocol
+    clients = build_reference_nodes(config, 4)
+    return config, protocol, clients, [NodeInfo(p, p, len(c.train)) for p, c in clients.items()]
+
+
+def test_fsl_sage_client_steps_along_the_auxiliary_estimate_of_the_cut_gradient():
+    """θ_c after h = 3 steps equals θ_c − lr J_cᵀ ĝ per step with ĝ the closed form of ∂ℓ(a(z), y)/∂z;
+    θ_a is not trained by the node and not sent back; z of step k−1 = 2 is uploaded."""
+    from hosfl_flower.protocols.fsl_sage.client import fsl_sage
+    from hosfl_flower.protocols.fsl_sage.messages import FSLSageRequest
+
+    model = build_split_model("cnn", 2, 10, seed=5)
+    head = aux_head_for(model, seed=2)
+    by_hand = copy.deepcopy(model)
+    start = {k: v.clone() for k, v in model.client_state().items()}
+    request = FSLSageRequest(start, {k: v.clone() for k, v in head.state_dict().items()}, 3, 3, 0.2)
+    reply = fsl_sage(make_client(model), FSLSageRequest.from_record(request.to_record()), 2)
+
+    params = by_hand.client_parameters()
+    for step in range(3):
+        batch = sample_batch(DATA.partition(0), BATCH, 0, 0, 2, step)
+        z = by_hand.smash(batch.inputs)["z"]
+        estimate = linear_head_grad(head, z.detach(), batch.labels).detach()
+        if step == 2:
+            uploaded = z.detach().clone()
+        grads = torch.autograd.grad(z, params, grad_outputs=estimate)  # J_cᵀ ĝ
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.2 * g
+    for name, value in by_hand.client_state().items():
+        assert torch.allclose(reply.client_state[name], value, atol=1e-6, rtol=0), name
+    assert any(not torch.equal(reply.client_state[k], v) for k, v in start.items())
+    assert reply.steps == [2] and torch.allclose(reply.batches[0].smashed["z"], uploaded, atol=1e-6, rtol=0)
+    assert reply.head_state == {} and "aux-head" not in reply.to_record()
+
+
+def test_fsl_sage_aligns_the_auxiliary_model_every_l_rounds_and_only_then():
+    """l = 2: θ_a changes in rounds 1, 3, 5 and in no other; θ_c changes every round; the nodes never send θ_a."""
+    _, protocol, clients, nodes = fsl_sage_protocol(**{"fsl-sage.align-every": 2, "fsl-sage.align-epochs": 2})
+    changed, rows = [], []
+    for rnd in range(1, 7):
+        head, client = protocol.head_state(), protocol.client_state()
+        link = InProcessLink("fsl-sage", clients, rnd)
+        rows.append(protocol.run_round(rnd, nodes[:2] if rnd % 2 else nodes[2:], link))
+        changed.append(any(not torch.equal(head[k], v) for k, v in protocol.aux_head.state_dict().items()))
+        assert any(not torch.equal(client[k], v) for k, v in protocol.model.client_state().items())
+        assert link.account.round_trips == 1
+    assert changed == [True, False, True, False, True, False]
+    assert [("align-loss" in row) for row in rows] == changed
+
+
+def test_fsl_sage_alignment_fits_the_server_cut_gradient_on_the_stored_uploads():
+    """The alignment's targets are λ of the split server on each stored batch (θ_s unchanged by it); one
+    epoch over one stored batch is one Adam step on Σ (ĝ − λ)² with ĝ in closed form; more epochs shrink
+    the gap; the store keeps the latest buffer-size examples."""
+    _, protocol, clients, nodes = fsl_sage_protocol(
+        **{"fsl-sage.align-epochs": 1, "fsl-sage.buffer-size": 32, "fsl-sage.local-steps": 2, "fsl-sage.upload-every": 1}
+    )
+    protocol.settings = type(protocol.settings)(**{**protocol.settings.__dict__, "align_every": 1000})
+    protocol.run_round(2, nodes[:2], InProcessLink("fsl-sage", clients, 2))  # (2 − 1) % 1000 ≠ 0: no alignment
+    assert len(protocol.buffer) == 1 and protocol.buffer[0].num_examples == 32  # 4 uploads of 32, the newest kept
+    server_before = protocol.split_server.state()["weights"]
+    batch = protocol.buffer[0]
+    result = protocol.split_server.step([(batch.smashed, batch.labels)], [1.0], apply=False)
+    protocol.split_server.discard_pending()
+    by_hand = copy.deepcopy(protocol.aux_head)
+    optimizer = torch.optim.Adam(by_hand.parameters(), lr=protocol.settings.align_lr)
+    ((linear_head_grad(by_hand, batch.smashed["z"], batch.labels) - result.activation_grads[0]) ** 2).sum().backward()
+    optimizer.step()
+    before = protocol.alignment_error()
+    protocol.align()
+    for name, value in by_hand.state_dict().items():
+        assert torch.allclose(protocol.aux_head.state_dict()[name], value, atol=1e-6, rtol=1e-5), name
+    assert all(torch.equal(v, protocol.split_server.state()["weights"][k]) for k, v in server_before.items())
+    protocol.settings = type(protocol.settings)(**{**protocol.settings.__dict__, "align_epochs": 30})
+    protocol.align()
+    assert protocol.alignment_error() < 0.5 * before
+
+
+# --------------------------------------------------------------------------- MU-SplitFed
+class RecordingLink(InProcessLink):
+    """An in-process link that keeps every request it carries and every reply it keeps."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent = []
+
+    def call(self, node, request):
+        reply = super().call(node, request)
+        self.sent.append((node, request, reply))
+        return reply
+
+
+def test_mu_splitfed_takes_tau_server_steps_per_client_step_along_the_shared_direction():
+    """E = 2, τ = 3, P = 2, two nodes: 3 zeroth-order steps of each node's replica per client step, each
+    along 2 fresh directions; every node of a step perturbs along the same seeds v_p; a node's scalars are
+    the central differences of its replica, after those τ steps (recomputed here by hand), on z±_p; its
+    θ_c moves by −lr/P Σ g_p v_p; θ_c and θ_s become the examples-weighted averages (η_g = 1)."""
+    from hosfl_flower.protocols.mu_splitfed.messages import MUSmashRequest, MUStepRequest
+    from hosfl_flower.zo import perturb_
+
+    config = resolve_run_config(
+        {
+            "strategy": "mu-splitfed",
+            "results-dir": "",
+            "mu-splitfed.local-steps": 2,
+            "mu-splitfed.server-steps": 3,
+            "mu-splitfed.client-lr": 0.05,
+            "mu-splitfed.server-lr": 0.05,
+            "mu-splitfed.num-perturbations": 2,
+        }
+    )
+    model, test = server_model_and_test(config)
+    protocol = HOSFLStrategy(model, test, config).protocol
+    s = protocol.settings
+    clients = build_reference_nodes(config, 4)
+    nodes = [NodeInfo(p, p, len(c.train)) for p, c in clients.items()][:2]
+    start_client = [p.detach().clone() for p in model.client_parameters()]
+    start_server = copy.deepcopy(model.server)
+    calls = []
+    original_copies = protocol.split_server.copies
+
+    def copies(count):
+        replicas = original_copies(count)
+        for index, replica in enumerate(replicas):
+            step = replica.zo_central_step
+            replica.zo_central_step = lambda *a, _i=index, _s=step: calls.append((_i, a[2])) or _s(*a)
+        return replicas
+
+    protocol.split_server.copies = copies
+    link = RecordingLink("mu-splitfed", clients, 1)
+    metrics = protocol.run_round(1, nodes, link)
+    assert metrics["server-steps"] == 2 * 2 * 3 == len(calls) and metrics["finished"] == 2
+    assert [i for i, _ in calls] == [0, 0, 0, 1, 1, 1] * 2
+    assert len({seed for _, seed in calls}) == 12  # a fresh direction per server step
+    smash = [(n, q, r) for n, q, r in link.sent if isinstance(q, MUSmashRequest)]
+    steps = [(n, q, r) for n, q, r in link.sent if isinstance(q, MUStepRequest)]
+    assert len(smash) == len(steps) == 4
+    for e in range(2):
+        assert len({q.seeds for _, q, _ in smash + steps if q.step == e}) == 1  # v_p, shared by the step's nodes
+
+    replicas, finals = [], []
+    for index, node in enumerate(nodes):
+        server = copy.deepcopy(start_server)
+        params = list(server.parameters())
+        loss = lambda z, y: float(model.loss(server(z), y))  # noqa: E731
+        for e in range(2):
+            (_, _, reply), (_, request, _) = [x for x in smash if x[0] == node][e], [x for x in steps if x[0] == node][e]
+            z, y = reply.batch.smashed["z"], reply.batch.labels
+            for _, seeds in [c for c in calls if c[0] == index][3 * e : 3 * e + 3]:
+                assert len(seeds) == 2
+                with torch.no_grad():
+                    estimates = []
+                    for seed in seeds:
+                        perturb_(params, seed, s.mu)
+                        plus = loss(z, y)
+                        perturb_(params, seed, -2 * s.mu)
+                        minus = loss(z, y)
+                        perturb_(params, seed, s.mu)
+                        estimates.append((plus - minus) / (2 * s.mu))
+                    for seed, g in zip(seeds, estimates):
+                        perturb_(params, seed, -s.server_lr * g / 2)
+            with torch.no_grad():
+                by_hand = [(loss(a, y) - loss(b, y)) / (2 * s.mu) for a, b in zip(reply.plus, reply.minus)]
+            assert list(request.scalars) == pytest.approx(by_hand, rel=1e-5, abs=1e-6)
+        expected = [t.clone() for t in start_client]
+        for _, request, _ in [x for x in steps if x[0] == node]:
+            for seed, g in zip(request.seeds, request.scalars):
+                perturb_(expected, seed, -request.lr * g / 2)
+        final = [x for x in steps if x[0] == node][-1][2].weights
+        got = [final[name] for name, _ in model.client.named_parameters()]
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(got, expected))
+        replicas.append(server.state_dict())
+        finals.append(final)
+    shares = [n.num_examples / sum(n.num_examples for n in nodes) for n in nodes]
+    for name, value in model.client_state().items():
+        assert torch.allclose(value, shares[0] * finals[0][name] + shares[1] * finals[1][name], atol=1e-6), name
+    for name, value in model.server.state_dict().items():
+        assert torch.allclose(value, shares[0] * replicas[0][name] + shares[1] * replicas[1][name], atol=1e-5), name

@@ -48,6 +48,9 @@ RUNS = {
     "splitfed-v1": {"strategy": "splitfed-v1", "server.optimizer": "sgd", "server.momentum": 0.9, "splitfed.local-steps": 1},
     "splitfed-v2": {"strategy": "splitfed-v2", "server.optimizer": "sgd", "server.momentum": 0.9, "splitfed.local-steps": 1},
     "fedavg": {"strategy": "fedavg"},
+    "cse-fsl": {"strategy": "cse-fsl", "cse-fsl.local-steps": 2, "cse-fsl.upload-every": 1},
+    "fsl-sage": {"strategy": "fsl-sage", "fsl-sage.local-steps": 2, "fsl-sage.upload-every": 1, "fsl-sage.align-every": 1},
+    "mu-splitfed": {"strategy": "mu-splitfed", "mu-splitfed.local-steps": 2},
 }
 
 
@@ -379,6 +382,21 @@ REFUSALS = [
     ),
     ("heron-sfl", "heron state a list", lambda c: c["state"].update(protocol=[]), "heron-sfl state is a list"),
     ("heron-sfl", "heron state without the head", lambda c: c["state"].update(protocol={}), "expected exactly ['aux-head']"),
+    # FSL-SAGE's stored uploads, MU-SplitFed's scalar bound
+    ("fsl-sage", "fsl-sage state without the uploads", lambda c: c["state"]["protocol"].pop("buffer"), "'aux-head', 'buffer'"),
+    (
+        "fsl-sage",
+        "stored upload NaN",
+        lambda c: c["state"]["protocol"]["buffer"][0]["z"].view(-1).__setitem__(0, float("nan")),
+        "stored upload 0.z",
+    ),
+    (
+        "fsl-sage",
+        "stored upload without labels",
+        lambda c: c["state"]["protocol"]["buffer"][0].pop("labels"),
+        "stored upload 0 is not a batch",
+    ),
+    ("mu-splitfed", "scalar bound negative", lambda c: c["state"]["protocol"].update({"scalar-bound": [-1.0]}), "scalar-bound"),
 ]
 
 

@@ -50,6 +50,11 @@ CONFIG = {
     "zo.num-perturbations": 2,
     "heron.local-steps": 2,
     "heron.upload-every": 1,
+    "cse-fsl.local-steps": 2,
+    "cse-fsl.upload-every": 1,
+    "fsl-sage.local-steps": 2,
+    "fsl-sage.upload-every": 1,
+    "mu-splitfed.local-steps": 2,
     "fedavg.local-steps": 1,
     "splitfed.local-steps": 2,
     "eval-every": 100,
@@ -187,14 +192,14 @@ CHOICES = st.binary(max_size=96)
 
 NAMES = (
     "meta", "node", "smashed", "labels", "arrays", "aux-head", "scalars", "sync", "ledger", "client-state", "seeds",
-    "activation-grad", "step", "heron", "fedavg", "config", "smashed.0", "labels.0", "smashed.1", "labels.1", "smashed.2", "x",
+    "activation-grad", "step", "heron", "fedavg", "cse-fsl", "fsl-sage", "seed", "scalar", "config", "smashed.0", "labels.0", "smashed.1", "labels.1", "smashed.2", "x",
 )  # fmt: skip
 """Record names a mutation may add (those of every message, and a stranger)."""
 KEYS = (
     "compute-seconds", "num-examples", "applied-round", "fingerprint", "partition-id", "num-partitions", "values", "steps",
     "from-round", "replacement-round", "rounds", "counts", "seeds", "scalars", "lr", "mu", "directions", "estimator",
     "step", "last", "local-steps", "upload-every", "head", "train-loss", "server-round", "z", "y", "attention_mask",
-    "z~0", "z~1", "z~2", "optimizer.x", "",
+    "z~0", "z~1", "z~2", "z+", "z-", "seed", "scalar", "optimizer.x", "",
 )  # fmt: skip
 """Keys a mutation may add to a record."""
 

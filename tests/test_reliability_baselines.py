@@ -58,7 +58,21 @@ def _touch(strategy):
     strategy.history = [{"round": 1, "loss": 1.5}]
 
 
-@pytest.mark.parametrize("name", ["hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "hosfl",
+        "frozen-client",
+        "zo-sfl",
+        "splitfed-v1",
+        "splitfed-v2",
+        "heron-sfl",
+        "fedavg",
+        "cse-fsl",
+        "fsl-sage",
+        "mu-splitfed",
+    ],
+)
 def test_checkpoint_round_trip_restores_every_part(name, tmp_path):
     config = {"strategy": name, "client.optimizer": "adamw", "results-dir": "", "checkpoint-dir": str(tmp_path)}
     source = build_strategy(config)

@@ -32,6 +32,10 @@ EXACT = [
         3,
     ),
     ("fedavg", "fedavg.local-steps=2", 4),
+    ("cse-fsl", f"cse-fsl.local-steps=4 cse-fsl.upload-every=2 aggregation.rule='clipped-mean' {BYZANTINE}", 3),
+    ("fsl-sage", "fsl-sage.local-steps=2 fsl-sage.upload-every=1 fsl-sage.align-every=2 fsl-sage.align-epochs=2", 3),
+    # the replicas are Ray actors; the byzantine node's z± and batches are bounded and combined by the median
+    ("mu-splitfed", f"mu-splitfed.local-steps=2 split-server.placement='ray' aggregation.rule='median' {BYZANTINE}", 3),
 ]
 # One ClientApp actor (``ONE_ACTOR``) where no node state outlives a message, so none can be lost between processes:
 # FedAvg's nodes get the whole model in every request; the frozen client's θ_c never changes (no ledger entries).
@@ -60,6 +64,14 @@ def test_flower_run_equals_the_reference_loop(simulate, strategy, extra, nodes):
     if strategy == "heron-sfl":
         assert all(row["server-batches"] == 3 * row["replies"] and row["replies"] >= 2 for row in rows)
         assert all(row["bytes.activations_up"] > 0 and row["bytes.model_up"] > 0 for row in rows)
+    if strategy in ("cse-fsl", "fsl-sage"):  # one exchange a round, no gradient down
+        assert all(row["round-trips"] == 1 and row["bytes.activation_grads_down"] == 0 for row in rows)
+        assert all(row["bytes.cut"] == row["bytes.activations_up"] + row["bytes.labels_up"] > 0 for row in rows)
+    if strategy == "fsl-sage":  # aligned in rounds 1 and 3 (l = 2)
+        assert [round_ for round_, row in enumerate(rows, 1) if "align-loss" in row] == [1, 3]
+    if strategy == "mu-splitfed":  # 2 steps of (smash, scalar); the replicas' averaging counted apart
+        assert all(row["round-trips"] == 4 and row["bytes.scalars_down"] > 0 for row in rows)
+        assert all(0 < row["bytes.server_averaging"] and row["server-steps"] >= 2 * 2 * row["finished"] for row in rows)
     if strategy == "frozen-client":
         assert all(torch.equal(final["client"][k], v) for k, v in initial.client.state_dict().items())  # never trained
         assert len(reference.ledger) == 0 and all(row["round-trips"] == 1 for row in rows)  # no probe exchange

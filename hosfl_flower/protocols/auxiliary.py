@@ -48,7 +48,9 @@ def upload_steps(local_steps: int, upload_every: int) -> list[int]:
 
 @dataclass
 class LocalRoundReply(Reply):
-    """The trained ``θ_c`` and ``θ_a``, the node's number of examples, and the batches of the uploaded steps."""
+    """The trained ``θ_c`` and ``θ_a``, the node's number of examples, and the batches of the uploaded
+    steps. ``head_state`` is empty when the request's protocol does not train ``θ_a`` on the node
+    (``returns_head`` false: FSL-SAGE); the record then has no ``aux-head``."""
 
     client_state: dict[str, torch.Tensor]
     head_state: dict[str, torch.Tensor]
@@ -69,24 +71,30 @@ class LocalRoundReply(Reply):
     def to_record(self) -> RecordDict:
         records: dict[str, Any] = {
             "arrays": tensors_to_record(self.client_state),
-            "aux-head": tensors_to_record(self.head_state),
             "meta": self.meta(steps=[int(s) for s in self.steps], **{"num-examples": int(self.num_examples)}),
         }
+        if self.head_state:
+            records["aux-head"] = tensors_to_record(self.head_state)
         for index, batch in enumerate(self.batches):
             records.update(batch.records(f".{index}"))
         return RecordDict(records)
 
     @classmethod
     def from_record(cls, content, request: LocalRoundRequest | None = None, spec: ModelSpec | None = None) -> LocalRoundReply:
-        """Check the uploaded steps, both states (keys, shapes, finiteness) against what was sent, and every batch."""
+        """Check the uploaded steps, both states (keys, shapes, finiteness) against what was sent, and every
+        batch; ``aux-head`` must be there exactly when the request's protocol trains ``θ_a`` on the node."""
         meta = require_record(content, "meta", ConfigRecord)
         steps = require_int_list(meta, "steps")
         if request is not None and steps != request.upload_steps:
             raise ReplyError("wrong-count", f"smashed batches from steps {steps}, expected {request.upload_steps}")
         client = require_tensors(content, "arrays")
-        head = require_tensors(content, "aux-head")
         check_state(client, spec.client_state if spec is not None else layout_of(client), "client segment")
-        check_state(head, layout_of(request.head_state if request is not None else head), "auxiliary head")
+        head: dict[str, torch.Tensor] = {}
+        if request is None or request.returns_head:
+            head = require_tensors(content, "aux-head")
+            check_state(head, layout_of(request.head_state if request is not None else head), "auxiliary head")
+        elif "aux-head" in content:
+            raise ReplyError("malformed", "an auxiliary head the node does not train")
         batches = [SmashedBatch.read(content, spec, f".{index}") for index in range(len(steps))]
         num_examples = require_int(meta, "num-examples", minimum=1)
         return cls(client, head, num_examples, steps, batches, compute_seconds=compute_seconds(meta))
@@ -105,6 +113,8 @@ class LocalRoundRequest(Payload):
     head: str = "linear"
 
     settings_record: ClassVar[str] = ""
+    returns_head: ClassVar[bool] = True
+    """Whether the node trains ``θ_a`` and sends it back."""
     reply_type: ClassVar[type[Payload] | None] = LocalRoundReply
 
     @property
@@ -186,7 +196,8 @@ class AuxiliaryServer(ProtocolServer):
                 losses.append(step.loss)
         weights = self.weights(server_round, [node.num_examples for node in replies])
         self.model.load_client_state(self.aggregator.states([r.client_state for r in replies.values()], weights))
-        self.aux_head.load_state_dict(self.aggregator.states([r.head_state for r in replies.values()], weights))
+        if request.returns_head:
+            self.aux_head.load_state_dict(self.aggregator.states([r.head_state for r in replies.values()], weights))
         metrics.update({"server-batches": len(losses), "server-steps": len(losses)})
         if losses:
             metrics["train-loss"] = sum(losses) / len(losses)
@@ -207,10 +218,11 @@ class AuxiliaryServer(ProtocolServer):
         self, link: Link, replies: Mapping[NodeInfo, LocalRoundReply], request: LocalRoundRequest
     ) -> dict[NodeInfo, LocalRoundReply]:
         """The replies within ``aggregation.reply-bound``; a reply's size is the distance of its
-        ``(θ_c, θ_a)`` from the global ones sent."""
+        ``(θ_c, θ_a)`` (or ``θ_c`` alone) from the global ones sent."""
         sizes = {
             node: math.hypot(
-                state_distance(r.client_state, request.client_state), state_distance(r.head_state, request.head_state)
+                state_distance(r.client_state, request.client_state),
+                state_distance(r.head_state, request.head_state) if request.returns_head else 0.0,
             )
             for node, r in replies.items()
         }

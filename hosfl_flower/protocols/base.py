@@ -214,9 +214,10 @@ class ProtocolServer(ABC, Generic[S]):
         """:meth:`ServerHooks.aggregation_weights` of the kept replies, given their numbers of examples."""
         return [float(w) for w in self.hooks.aggregation_weights(server_round, list(num_examples))]
 
-    def screen(self, link: Link, sizes: Mapping[NodeInfo, float], what: str) -> set[NodeInfo]:
-        """The nodes whose reply :attr:`reply_bound` rejects (each counted as ``out-of-bound``)."""
-        rejected = self.reply_bound.screen(sizes)
+    def screen(self, link: Link, sizes: Mapping[NodeInfo, float], what: str, bound: ReplyBound | None = None) -> set[NodeInfo]:
+        """The nodes whose reply :attr:`reply_bound` (or ``bound``, for a second kind of reply with sizes
+        of its own) rejects, each counted as ``out-of-bound``."""
+        rejected = (bound or self.reply_bound).screen(sizes)
         for node in sorted(rejected, key=lambda n: n.partition_id):
             link.reject("out-of-bound", node, f"{what} of size {sizes[node]:.3g}")
         return rejected
