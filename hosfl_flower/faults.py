@@ -146,16 +146,13 @@ def attack(mode: str, partition_id: int, request: Payload, reply: Payload, serve
     changed: dict[str, Any] = {}
     for name in reply.attack_fields:
         value = getattr(reply, name)
-        if name == "perturbed" and isinstance(getattr(reply, "batch", None), SmashedBatch):
+        if isinstance(value, list) and value and all(isinstance(t, torch.Tensor) for t in value):
+            # perturbed activations (ZO-SFL's z̃_p, MU-SplitFed's z±_p), flipped about the honest z
             z = reply.batch.smashed["z"]  # type: ignore[attr-defined]
             changed[name] = [_huge(t) if how == "huge" else z - 3.0 * (t - z) for t in value]
         elif isinstance(value, dict):
             sent = _recall(_sent_path(run_id, partition_id, value))
             changed[name] = {k: _falsify(v, how, sent.get(k)) for k, v in value.items()}
-        elif isinstance(value, torch.Tensor):  # a perturbed activation shaped like z (MU-SplitFed's z±)
-            z = reply.batch.smashed["z"] if isinstance(getattr(reply, "batch", None), SmashedBatch) else None  # type: ignore[attr-defined]
-            flipped = z - 3.0 * (value - z) if z is not None and z.shape == value.shape else _falsify(value, how, None)
-            changed[name] = _huge(value) if how == "huge" else flipped
         elif isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
             changed[name] = [math.copysign(HUGE, v) if how == "huge" else -3.0 * v for v in value]
         elif value is not None:

@@ -132,7 +132,12 @@ class LocalRoundRequest(Payload):
         return {}
 
     def to_record(self) -> RecordDict:
-        values = {"local-steps": self.local_steps, "upload-every": self.upload_every, "lr": self.lr, "head": self.head}
+        values: dict[str, Any] = {
+            "local-steps": self.local_steps,
+            "upload-every": self.upload_every,
+            "lr": self.lr,
+            "head": self.head,
+        }
         return RecordDict(
             {
                 "arrays": tensors_to_record(self.client_state),

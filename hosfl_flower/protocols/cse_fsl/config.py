@@ -14,7 +14,7 @@ class CSEFSLSettings(Settings):
 
     local_steps: int = setting("cse-fsl.local-steps", 4, "h: first-order local steps per round on the auxiliary loss", minimum=1)
     upload_every: int = setting("cse-fsl.upload-every", 2, "k: upload a smashed batch every k local steps", minimum=1)
-    lr: float = setting("cse-fsl.lr", 0.05, "SGD learning rate of cse-fsl's client steps (segment and head)", minimum=0.0)
+    lr: float = setting("cse-fsl.lr", 0.3, "SGD learning rate of cse-fsl's client steps (segment and head)", minimum=0.0)
     head: str = setting("cse-fsl.head", "linear", "auxiliary head on the client: linear or mlp", choices=AUX_HEADS)
 
     def check(self) -> None:

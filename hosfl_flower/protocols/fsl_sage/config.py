@@ -18,7 +18,7 @@ class FSLSageSettings(Settings):
         "fsl-sage.local-steps", 4, "h: local steps per round along the auxiliary model's estimate of λ", minimum=1
     )
     upload_every: int = setting("fsl-sage.upload-every", 2, "k: upload a smashed batch every k local steps", minimum=1)
-    lr: float = setting("fsl-sage.lr", 0.05, "SGD learning rate of fsl-sage's client steps", minimum=0.0)
+    lr: float = setting("fsl-sage.lr", 0.3, "SGD learning rate of fsl-sage's client steps", minimum=0.0)
     head: str = setting("fsl-sage.head", "linear", "auxiliary model on the client: linear or mlp", choices=AUX_HEADS)
     align_every: int = setting(
         "fsl-sage.align-every", 10, "l: align the auxiliary model every l rounds (rounds 1, l+1, 2l+1, ...)", minimum=1

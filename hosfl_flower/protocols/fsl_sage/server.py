@@ -53,6 +53,9 @@ class FSLSageServer(AuxiliaryServer):
             return {}
         loss, seconds = self.align()
         link.account.server_seconds += seconds
+        # An alignment changes the scale of the estimate, so of the nodes' next updates (λ grows as θ_s
+        # learns): the reply bound starts its history again, else every honest reply could exceed it.
+        self.reply_bound.history.clear()
         return {"align-loss": loss}
 
     def store(self, batches: Sequence[SmashedBatch]) -> None:

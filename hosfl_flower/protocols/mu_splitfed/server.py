@@ -69,7 +69,7 @@ class MUSplitFedServer(ProtocolServer[MUSplitFedSettings]):
         s = self.settings
         metrics: dict[str, Any] = {"sampled": len(nodes), "finished": 0, "samples": 0, "server-steps": 0}
         losses: list[float] = []
-        replicas = self.split_server.copies(len(nodes))
+        replicas: Sequence[SplitServer | RaySplitServer] = self.split_server.copies(len(nodes))
         self._replicas = {node.node_id: replica for node, replica in zip(nodes, replicas)}
         active: list[NodeInfo] = list(nodes)
         finished: dict[NodeInfo, MUStepReply] | None = None
