@@ -314,3 +314,26 @@ def test_mu_splitfed_takes_tau_server_steps_per_client_step_along_the_shared_dir
         assert torch.allclose(value, shares[0] * finals[0][name] + shares[1] * finals[1][name], atol=1e-6), name
     for name, value in model.server.state_dict().items():
         assert torch.allclose(value, shares[0] * replicas[0][name] + shares[1] * replicas[1][name], atol=1e-5), name
+
+
+# --------------------------------------------------------------------------- faults
+FAULTS = {"faults.failure-rate": 0.3, "faults.nan-partition": 1, "faults.wrong-count-partition": 2}
+KEPT = {"cse-fsl": "replies", "fsl-sage": "replies", "mu-splitfed": "finished"}
+
+
+@pytest.mark.parametrize("strategy", list(KEPT))
+def test_faulty_replies_never_reach_the_model(strategy):
+    """Lost replies, NaN and wrong-count replies of two partitions: every one is left out, the segments
+    stay finite, and a skipped round changes nothing."""
+    from hosfl_flower.reference import run_reference
+
+    config = {"strategy": strategy, "num-server-rounds": 6, "eval-every": 1, "clients-per-round": 4, "min-replies": 3}
+    config.update({**FAULTS, "mu-splitfed.local-steps": 2, "cse-fsl.local-steps": 2, "fsl-sage.local-steps": 2})
+    rows = []
+    result = run_reference(config, 6, observe=lambda trace: rows.append(dict(trace.metrics)))
+    assert all(bool(torch.isfinite(t).all()) for t in result.model.state_dict().values() if t.is_floating_point())
+    assert sum(row[KEPT[strategy]] for row in rows) < sum(row["sampled"] for row in rows)
+    assert any(row.get("skipped") for row in rows[1:]) and not all(row.get("skipped") for row in rows)
+    for previous, row in zip(rows, rows[1:]):
+        if row.get("skipped"):
+            assert (row["loss"], row["accuracy"]) == (previous["loss"], previous["accuracy"])

@@ -20,16 +20,16 @@ class MUSplitFedSettings(Settings):
     )
     num_perturbations: int = setting(
         "mu-splitfed.num-perturbations",
-        1,
+        5,
         "P: directions averaged in every zeroth-order estimate, the clients' and the server's",
         minimum=1,
     )
     mu: float = setting(
-        "mu-splitfed.mu", 5e-3, "μ: perturbation scale of both sides' central differences", minimum=1e-7, maximum=1.0
+        "mu-splitfed.mu", 1e-3, "μ: perturbation scale of both sides' central differences", minimum=1e-7, maximum=1.0
     )
-    client_lr: float = setting("mu-splitfed.client-lr", 5e-3, "SGD learning rate of the clients' zeroth-order steps", minimum=0.0)
+    client_lr: float = setting("mu-splitfed.client-lr", 0.02, "SGD learning rate of the clients' zeroth-order steps", minimum=0.0)
     server_lr: float = setting(
-        "mu-splitfed.server-lr", 1e-2, "SGD learning rate of the server replicas' zeroth-order steps", minimum=0.0
+        "mu-splitfed.server-lr", 0.02, "SGD learning rate of the server replicas' zeroth-order steps", minimum=0.0
     )
     global_lr: float = setting(
         "mu-splitfed.global-lr",
