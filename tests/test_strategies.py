@@ -119,3 +119,13 @@ def test_splitfed_v1_equals_v2_with_one_client():
     v1 = run_reference({**config, "strategy": "splitfed-v1"}, 2).model.state_dict()
     v2 = run_reference({**config, "strategy": "splitfed-v2"}, 2).model.state_dict()
     assert v1.keys() == v2.keys() and all(torch.equal(v1[k], v2[k]) for k in v1)
+
+
+def test_mu_splitfed_lowers_the_digits_loss_but_stays_near_chance():
+    """Zeroth-order on both segments learns a CNN from scratch only slowly: over seeds 0-4 (cut 2, the
+    package defaults, 150 rounds) the test loss fell by 0.003-0.013 from round 30 to 150 on every seed,
+    and the accuracy stayed within 0.06-0.16 (chance 0.10), as ZO-SFL's does. The bar: the loss falls."""
+    config = {**SETTINGS, "strategy": "mu-splitfed", "num-server-rounds": 150, "eval-every": 30}
+    evaluated = [row for row in run_reference(config, 10).history if "loss" in row]
+    assert evaluated[-1]["loss"] < evaluated[0]["loss"] - 0.001, [row["loss"] for row in evaluated]
+    assert all(math.isfinite(row["loss"]) for row in evaluated)
