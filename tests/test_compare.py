@@ -282,12 +282,16 @@ def test_round_costs_per_protocol():
             "heron.local-steps": 6,
             "heron.upload-every": 2,
             "fedavg.local-steps": 5,
+            "cse-fsl.local-steps": 3,
+            "cse-fsl.upload-every": 2,
+            "fsl-sage.local-steps": 4,
+            "fsl-sage.upload-every": 1,
+            "mu-splitfed.local-steps": 2,
+            "mu-splitfed.server-steps": 3,
         }
     )
-    samples = {
-        s: samples_per_round(s, config)
-        for s in ("hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg")
-    }
+    names = ("hosfl", "frozen-client", "zo-sfl", "splitfed-v1", "splitfed-v2", "heron-sfl", "fedavg")
+    samples = {s: samples_per_round(s, config) for s in (*names, "cse-fsl", "fsl-sage", "mu-splitfed")}
     assert samples == {
         "hosfl": 24,
         "frozen-client": 24,
@@ -296,6 +300,9 @@ def test_round_costs_per_protocol():
         "splitfed-v2": 48,
         "heron-sfl": 144,
         "fedavg": 120,
+        "cse-fsl": 72,
+        "fsl-sage": 96,
+        "mu-splitfed": 48,
     }
     steps = {s: server_steps_per_round(s, config) for s in samples}
     assert steps == {
@@ -306,6 +313,9 @@ def test_round_costs_per_protocol():
         "splitfed-v2": 6,
         "heron-sfl": 3 * len(upload_steps(6, 2)),
         "fedavg": 0,
+        "cse-fsl": 3 * 1,  # step 1 of 0..2
+        "fsl-sage": 3 * 4,
+        "mu-splitfed": 3 * 2 * 3,  # τ replica steps per client step
     }
     assert rounds_for_budget("hosfl", config, 48) == 2 and rounds_for_budget("hosfl", config, 49) == 3
     assert rounds_for_budget("heron-sfl", config, 1) == 1 and math.ceil(1000 / 120) == rounds_for_budget("fedavg", config, 1000)
