@@ -49,7 +49,7 @@ RUNS = {
     "splitfed-v2": {"strategy": "splitfed-v2", "server.optimizer": "sgd", "server.momentum": 0.9, "splitfed.local-steps": 1},
     "fedavg": {"strategy": "fedavg"},
     "cse-fsl": {"strategy": "cse-fsl", "cse-fsl.local-steps": 2, "cse-fsl.upload-every": 1},
-    "fsl-sage": {"strategy": "fsl-sage", "fsl-sage.local-steps": 2, "fsl-sage.upload-every": 1, "fsl-sage.align-every": 1},
+    "fsl-sage": {"strategy": "fsl-sage", "fsl-sage.local-steps": 2, "fsl-sage.upload-every": 1, "fsl-sage.align-every": 2},
     "mu-splitfed": {"strategy": "mu-splitfed", "mu-splitfed.local-steps": 2},
 }
 
