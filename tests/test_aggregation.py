@@ -131,3 +131,54 @@ def test_splitfed_rejects_a_batch_with_more_rows_than_the_server_expects():
     cfg = {"strategy": "splitfed-v2", "num-server-rounds": 2, "eval-every": 2, "batch-size": 8}
     run_reference(cfg, 3, observe=lambda trace: seen.append(trace.metrics), client_class=_Inflating)
     assert [row["finished"] for row in seen] == [2, 2] and [row["samples"] for row in seen] == [16, 16]
+
+
+@pytest.mark.parametrize("strategy", ["splitfed-v1", "mu-splitfed"])
+@pytest.mark.parametrize("rule", ["mean", "median"])
+def test_per_client_server_copies_are_combined_by_the_rule(strategy, rule):
+    """SplitFed V1's server copies and MU-SplitFed's replicas are replies like any other: one copy that a
+    poisoned batch pushed 1e3 away moves θ_s by a third of that under the mean, and not past the honest
+    copies under the median."""
+    from hosfl_flower.config import resolve_run_config
+    from hosfl_flower.flower.strategy import HOSFLStrategy
+    from hosfl_flower.protocols import NodeInfo
+    from hosfl_flower.reference import InProcessLink, build_reference_nodes
+    from hosfl_flower.task import server_model_and_test
+
+    config = resolve_run_config(
+        {"strategy": strategy, "results-dir": "", "clients-per-round": 3, "aggregation.rule": rule, "aggregation.reply-bound": 0}
+    )
+    model, test = server_model_and_test(config)
+    protocol = HOSFLStrategy(model, test, config).protocol
+    clients = build_reference_nodes(config, 3)
+    nodes = [NodeInfo(p, p, len(c.train)) for p, c in clients.items()]
+    honest: list[dict[str, torch.Tensor]] = []
+    original_copies = protocol.split_server.copies
+
+    def copies(count):
+        made = original_copies(count)
+        poisoned = made[-1]
+        honest_state = poisoned.state
+
+        def state():
+            full = honest_state()
+            return {**full, "weights": {k: v + 1e3 if v.is_floating_point() else v for k, v in full["weights"].items()}}
+
+        poisoned.state = state
+        for copy in made[:-1]:
+            keep = copy.state
+            copy.state = lambda _keep=keep: honest.append(_keep()["weights"]) or _keep()
+        return made
+
+    protocol.split_server.copies = copies
+    protocol.run_round(1, nodes, InProcessLink(strategy, clients, 1))
+    assert len(honest) == 2
+    for name, value in model.server.state_dict().items():
+        if not value.is_floating_point():
+            continue
+        low = torch.minimum(honest[0][name], honest[1][name])
+        high = torch.maximum(honest[0][name], honest[1][name])
+        if rule == "median":
+            assert bool(((value >= low - 1e-6) & (value <= high + 1e-6)).all()), name
+        else:
+            assert bool((value > high + 100.0).all()), name

@@ -21,7 +21,7 @@ from ..models import SplitModel
 from ..options import Settings
 from ..options import setting as _s
 from ..schedule import RoundSchedule
-from ..split_server import RaySplitServer, SplitServer
+from ..split_server import RaySplitServer, SplitServer, average_states
 from .aggregation import AGGREGATORS, Aggregator, ReplyBound
 from .messages import ModelSpec, Payload, ReplyError
 
@@ -221,6 +221,14 @@ class ProtocolServer(ABC, Generic[S]):
         for node in sorted(rejected, key=lambda n: n.partition_id):
             link.reject("out-of-bound", node, f"{what} of size {sizes[node]:.3g}")
         return rejected
+
+    def combine_server_states(self, states: Sequence[Mapping[str, Any]], weights: Sequence[float]) -> dict[str, Any]:
+        """Per-client server copies' :meth:`SplitServer.state` dicts combined into one: ``θ_s`` by
+        ``aggregation.rule`` (a copy a poisoned batch trained counts like any other reply), the optimizer
+        state by the weighted mean (step counts from the first)."""
+        combined = average_states(states, weights)
+        combined["weights"] = self.aggregator.states([state["weights"] for state in states], weights)
+        return combined
 
     def expected_rows(self, node: NodeInfo) -> int:
         """The rows of a node's minibatch: ``min(batch-size, its partition size)`` (a reply with other

@@ -3,7 +3,7 @@
 per-client server replicas, FedAvg-style mixing of both segments.
 
 Round ``t``: every sampled node gets a server replica (a copy of ``θ_s``). For each step
-``e = 0 .. E−1`` the server draws ``P`` seeds ``v_p`` (``P = 1`` by default), shared by every node of
+``e = 0 .. E−1`` the server draws ``P`` seeds ``v_p`` (``mu-splitfed.num-perturbations``), shared by every node of
 the step, and:
 
 1. ``train.mu_smash`` (``θ_c`` with ``e = 0``): each node replies with ``z`` at ``θ_c`` and ``z±_p`` at
@@ -15,7 +15,8 @@ the step, and:
    after the last step it replies with ``θ_c``.
 
 Then ``θ_c ← θ_c + η_g (avg θ_c,n − θ_c)`` over the finished nodes (``aggregation.rule``) and
-``θ_s ← θ_s + η_g (avg θ_s,n − θ_s)`` over their replicas, weighted by the nodes' numbers of examples.
+``θ_s ← θ_s + η_g (avg θ_s,n − θ_s)`` over their replicas (``aggregation.rule`` too), weighted by the nodes'
+numbers of examples.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ...split_server import RaySplitServer, SplitServer, average_states
+from ...split_server import RaySplitServer, SplitServer
 from ..aggregation import ReplyBound, state_bytes, state_distance
 from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from ..messages import ReplyError
@@ -93,7 +94,7 @@ class MUSplitFedServer(ProtocolServer[MUSplitFedSettings]):
         self.model.load_client_state(mix_states(start, average, s.global_lr))
         states = [self._replicas[node.node_id].state() for node in finished]
         current = self.split_server.state()
-        mixed = mix_states(current["weights"], average_states(states, weights)["weights"], s.global_lr)
+        mixed = mix_states(current["weights"], self.combine_server_states(states, weights)["weights"], s.global_lr)
         self.split_server.load_state({"weights": mixed, "optimizer": current["optimizer"]})
         link.account.server_averaging += 2 * len(finished) * state_bytes(mixed)
         self._replicas = {}

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ...split_server import RaySplitServer, SplitServer, StepResult, average_states, step_each
+from ...split_server import RaySplitServer, SplitServer, StepResult, step_each
 from ..aggregation import state_bytes, state_distance
 from ..base import Link, NodeInfo, ProtocolServer, RunSettings
 from ..messages import ReplyError
@@ -150,10 +150,10 @@ class SplitFedV1Server(SplitFedV2Server):
         return step_each([self._copies[node.node_id] for node in nodes], batches)
 
     def end_round(self, finished: Sequence[NodeInfo], weights: Sequence[float], link: Link) -> None:
-        """``θ_s`` becomes the average of the finished nodes' copies (weights and optimizer state);
+        """``θ_s`` becomes the finished nodes' copies combined (:meth:`combine_server_states`);
         the account's ``server_averaging`` counts each copy's ``θ_s`` up and the average down."""
         if finished:
             states = [self._copies[node.node_id].state() for node in finished]
-            self.split_server.load_state(average_states(states, weights))
+            self.split_server.load_state(self.combine_server_states(states, weights))
             link.account.server_averaging += 2 * len(finished) * state_bytes(states[0]["weights"])
         self._copies = {}
