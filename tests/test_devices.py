@@ -199,6 +199,10 @@ def test_bf16_autocast_on_the_cpu_trains_a_close_but_different_model():
         {"strategy": "splitfed-v2"},
         {"strategy": "heron-sfl"},
         {"strategy": "fedavg", "fedavg.local-steps": 2},
+        {"strategy": "splitfed-v1"},
+        {"strategy": "cse-fsl", "cse-fsl.local-steps": 2},
+        {"strategy": "fsl-sage", "fsl-sage.local-steps": 2, "fsl-sage.align-every": 2},
+        {"strategy": "mu-splitfed", "mu-splitfed.local-steps": 2},
     ],
     ids=lambda extra: "-".join(str(v) for v in extra.values()),
 )

@@ -218,6 +218,23 @@ def test_every_draw_follows_the_contract_stream(offset):
     assert total > 2 * BLOCK  # the layout spans several blocks and cuts parameters at their edges
 
 
+def test_the_contract_is_pinned_to_literal_values():
+    """Directions contract 2 as numbers, not as the package's own functions: a change of the seed mix, the
+    block layout or the draw changes these. The generator seeds and the Rademacher signs are exact; the
+    Gaussian values are those of torch's CPU ``normal_`` (allowed a few float32 ulps, in case a CPU's
+    vectorised transform rounds its last bit otherwise)."""
+    from hosfl_flower.zo.directions import DIRECTIONS_CONTRACT, STREAM_BLOCK, block_seed
+
+    assert DIRECTIONS_CONTRACT == 2 and STREAM_BLOCK == 65_536
+    assert block_seed(7, 0) == 6_130_908_453_346_062_096
+    assert block_seed(2**62 + 3, 5) == 6_362_640_560_752_039_622
+    first = [0.011522872373461723, 1.4896767139434814, -0.038780879229307175, -0.2890503704547882, 0.9177350997924805]
+    assert stream_values(7, 0, 5).tolist() == pytest.approx(first, rel=1e-6, abs=1e-7)
+    in_block_3 = [-0.23349608480930328, 0.4941251277923584, 0.16042357683181763, 1.1194487810134888]
+    assert stream_values(7, 3 * BLOCK + 10, 4).tolist() == pytest.approx(in_block_3, rel=1e-6, abs=1e-7)
+    assert stream_values(123, 0, 8, "rademacher").tolist() == [-1.0, 1.0, 1.0, -1.0, 1.0, 1.0, 1.0, -1.0]
+
+
 def test_a_segment_continues_the_stream_of_the_one_before_it():
     """Two segments (client, then server at offset d_c) together draw exactly the direction of their concatenation."""
     client, server = [torch.zeros(s) for s in SHAPES[:6]], [torch.zeros(s) for s in SHAPES[6:]]
