@@ -21,6 +21,7 @@ from _common import LLM_CONFIG, machine, parse_args, ratio_line, set_threads, ta
 
 SIZES = [
     ("cnn b32 (default)", {}),
+    ("cnn cut2 b32 P5", {"cut-layer": 2, "zo.num-perturbations": 5}),
     ("cnn b256", {"batch-size": 256}),
     ("cnn b1024", {"batch-size": 1024}),
     ("resnet cut3 b256", {"model": "resnet", "cut-layer": 3, "batch-size": 256}),

@@ -7,6 +7,7 @@ import torch
 
 from hosfl_flower.app import build_strategy
 from hosfl_flower.checkpoint import save_checkpoint
+from hosfl_flower.protocols.messages import SmashedBatch
 from hosfl_flower.zo import LedgerEntry
 
 from .conftest import ONE_ACTOR
@@ -54,6 +55,11 @@ def _touch(strategy):
         with torch.no_grad():
             for param in protocol.aux_head.parameters():
                 param.mul_(0.5)
+    if hasattr(protocol, "buffer"):  # FSL-SAGE's stored uploads
+        protocol.store([SmashedBatch({k: v.clone() for k, v in smashed.items()}, batch.labels.clone())])
+    if hasattr(protocol, "scalar_bound"):  # MU-SplitFed's second reply bound
+        protocol.scalar_bound.history.extend([0.5, 0.75])
+    protocol.reply_bound.history.extend([1.25, 2.5])
     strategy.schedule.seeds(3)
     strategy.history = [{"round": 1, "loss": 1.5}]
 
@@ -93,3 +99,21 @@ def test_checkpoint_round_trip_restores_every_part(name, tmp_path):
     if hasattr(source.protocol, "aux_head"):
         head = target.protocol.aux_head.state_dict()
         assert all(torch.equal(v, head[k]) for k, v in source.protocol.aux_head.state_dict().items())
+    assert _same(target.protocol.state(), source.protocol.state())  # FSL-SAGE's uploads, MU-SplitFed's scalar bound
+    assert list(target.protocol.reply_bound.history) == list(source.protocol.reply_bound.history)
+    assert len(source.protocol.reply_bound.history) >= 2
+    if name == "fsl-sage":
+        assert len(target.protocol.buffer) == 1 and target.protocol.buffer[0].num_examples == 8
+    if name == "mu-splitfed":
+        assert list(target.protocol.scalar_bound.history) == [0.5, 0.75]
+
+
+def _same(a, b) -> bool:
+    """Equal nested containers of tensors (``torch.equal``) and plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
