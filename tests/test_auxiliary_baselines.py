@@ -73,7 +73,7 @@ def test_cse_fsl_local_round_is_first_order_sgd_on_the_auxiliary_loss():
 
 def test_cse_fsl_sends_no_gradient_and_steps_the_server_once_per_upload():
     """One exchange per round, whose request carries no activation gradient; the server model takes one
-    step per uploaded batch, in the order the replies arrive."""
+    step per uploaded batch, node by node in request order."""
     spec = get_protocol("cse-fsl")
     assert spec.requests == (CSEFSLRequest,)
     assert "activation_grads_down" not in CSEFSLRequest.categories.values()

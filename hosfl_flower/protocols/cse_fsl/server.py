@@ -4,7 +4,9 @@ gradient to the clients.
 Round ``t``: ``train.cse_fsl`` carries ``θ_c`` and the auxiliary head ``θ_a`` to the sampled nodes;
 each takes ``h`` first-order SGD steps on its own auxiliary loss ``ℓ(h_a(f_c(x)), y)`` and uploads the
 smashed batch of steps ``k−1, 2k−1, …``. The one server model ``θ_s`` takes a first-order step on each
-upload as it arrives (node by node), and ``θ_c`` and ``θ_a`` are averaged by FedAvg.
+upload, node by node in request order once the round's replies are in (as if they had arrived in that
+order: the order, and so the bits, do not depend on the transport), and ``θ_c`` and ``θ_a`` are averaged
+by FedAvg.
 """
 
 from __future__ import annotations

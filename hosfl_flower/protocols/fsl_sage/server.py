@@ -3,7 +3,7 @@
 Round ``t``: ``train.fsl_sage`` carries ``θ_c`` and the auxiliary model ``θ_a`` to the sampled nodes;
 each takes ``h`` first-order steps of ``θ_c`` along ``J_cᵀ ∂ℓ(a(z), y)/∂z`` (the auxiliary model's
 estimate of the server's cut-layer gradient ``λ``) and uploads the smashed batch of steps ``k−1, 2k−1,
-…``. The server steps ``θ_s`` on each upload as it arrives, keeps the uploads (the latest
+…``. The server steps ``θ_s`` on each upload (node by node in request order), keeps the uploads (the latest
 ``fsl-sage.buffer-size`` examples), averages ``θ_c`` by FedAvg, and in rounds ``1, l+1, 2l+1, …``
 aligns ``θ_a``: with ``λ = ∂ℓ(f_s(z), y)/∂z`` from the current ``θ_s`` on every stored batch, it takes
 ``fsl-sage.align-epochs`` passes of Adam steps on ``Σ (∂ℓ(a(z), y)/∂z − λ)²``, one step per batch.
