@@ -23,7 +23,7 @@ from .data import (
     TextSpec,
     is_image_dataset,
     load_federated_data,
-    load_train_test,
+    load_test,
 )
 from .models import SplitModel, build_split_model
 
@@ -176,8 +176,8 @@ def _client_task(items: tuple, num_partitions: int) -> ClientTask:
 
 def partition_sizes(config: Mapping[str, Any], num_partitions: int) -> list[int]:
     """Each partition's number of examples under a resolved run config (what the server holds nodes' claims against)."""
-    partitioner = client_task(config, num_partitions).data.partitioner
-    return [len(partitioner.load_partition(partition_id)) for partition_id in range(num_partitions)]
+    data = client_task(config, num_partitions).data
+    return [data.partition_size(partition_id) for partition_id in range(num_partitions)]
 
 
 def client_task(config: Mapping[str, Any], num_partitions: int) -> ClientTask:
@@ -187,7 +187,7 @@ def client_task(config: Mapping[str, Any], num_partitions: int) -> ClientTask:
 
 def server_model_and_test(config: Mapping[str, Any]) -> tuple[SplitModel, Examples]:
     """A fresh model with the run's initial weights, and the evaluation examples."""
-    _, test, info = load_train_test(
+    test, info = load_test(
         config["dataset"],
         config["seed"],
         config["test-fraction"],

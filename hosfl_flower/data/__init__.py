@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import TYPE_CHECKING, Any
 
+from . import tensor_cache
+from .digits import digits_examples
 from .examples import Examples, sample_batch
 from .images import ImageSpec
 from .partitioners import PARTITION_OPTIONS, PARTITIONERS, PartitionSpec, make_partitioner
@@ -68,16 +70,28 @@ class DataInfo:
 
 @dataclass(frozen=True)
 class FederatedData:
-    """A held-out test split plus a partitioner over the training split."""
+    """A held-out test split plus the training split's partitions: drawn by a partitioner on first use,
+    or all given as tensors (:meth:`from_partitions`)."""
 
-    partitioner: Partitioner
+    partitioner: Partitioner | None
     test: Examples
     info: DataInfo
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
+    @classmethod
+    def from_partitions(cls, partitions: list[Examples], test: Examples, info: DataInfo) -> FederatedData:
+        """Data whose every partition is already tensors (no partitioner)."""
+        return cls(None, test, info, dict(enumerate(partitions)))
+
     @property
     def num_partitions(self) -> int:
-        return self.partitioner.num_partitions
+        return self.partitioner.num_partitions if self.partitioner is not None else len(self._cache)
+
+    def partition_size(self, partition_id: int) -> int:
+        """The number of examples of partition ``partition_id`` (without converting it to tensors)."""
+        if partition_id in self._cache or self.partitioner is None:
+            return len(self.partition(partition_id))
+        return len(self.partitioner.load_partition(partition_id))
 
     @property
     def num_classes(self) -> int:
@@ -88,6 +102,7 @@ class FederatedData:
         if not 0 <= partition_id < self.num_partitions:
             raise ValueError(f"partition-id {partition_id} is outside 0..{self.num_partitions - 1}")
         if partition_id not in self._cache:
+            assert self.partitioner is not None  # data built from tensors holds every partition
             self._cache[partition_id] = self.info.to_examples(self.partitioner.load_partition(partition_id))
         return self._cache[partition_id]
 
@@ -102,10 +117,14 @@ def is_image_dataset(dataset: str, options: DataOptions = DataOptions()) -> bool
     return find_image_column(train, options.image_column) is not None
 
 
-def _digits() -> tuple[Dataset, None, DataInfo]:
-    from .digits import digits_dataset, digits_examples
+DIGITS_INFO = DataInfo(10, digits_examples)
+"""The bundled digits: ten classes, images as ``x`` of shape ``(n, 1, 8, 8)``."""
 
-    return digits_dataset(), None, DataInfo(10, digits_examples)
+
+def _digits() -> tuple[Dataset, None, DataInfo]:
+    from .digits import digits_dataset
+
+    return digits_dataset(), None, DIGITS_INFO
 
 
 def _sentiment(seed: int, text: TextSpec) -> tuple[Dataset, None, DataInfo]:
@@ -183,6 +202,30 @@ def load_train_test(
     return _load_train_test(dataset, seed, test_fraction, text or TextSpec(), image, options)
 
 
+def load_test(
+    dataset: str,
+    seed: int,
+    test_fraction: float,
+    text: TextSpec | None = None,
+    *,
+    image: ImageSpec | None = None,
+    options: DataOptions = DataOptions(),
+) -> tuple[Examples, DataInfo]:
+    """The evaluation examples and :class:`DataInfo` of :func:`load_train_test` (the digits' from the
+    tensor cache when it holds them: :mod:`.tensor_cache`)."""
+    if dataset != "digits":
+        _, test, info = load_train_test(dataset, seed, test_fraction, text, image=image, options=options)
+        return test, info
+    check_bundled_eval_split(dataset, options.eval_split)
+    path = tensor_cache.cache_path("held-out", seed=seed, test_fraction=test_fraction)
+    cached = tensor_cache.load(path)
+    if cached is not None:
+        return cached[0], DIGITS_INFO
+    _, test, info = load_train_test(dataset, seed, test_fraction, options=options)
+    tensor_cache.save(path, [test])
+    return test, info
+
+
 @lru_cache(maxsize=4)
 def _load_train_test(
     dataset: str, seed: int, test_fraction: float, text: TextSpec, image: ImageSpec | None, options: DataOptions
@@ -242,8 +285,27 @@ def _load_federated_data(
     image: ImageSpec | None,
     options: DataOptions,
 ) -> FederatedData:
+    if dataset == "digits":
+        return _digits_federated(num_partitions, spec, seed, test_fraction, options)
     train, test, info = _load_train_test(dataset, seed, test_fraction, text, image, options)
     return FederatedData(make_partitioner(spec, num_partitions, seed, train, info.label_column), test, info)
+
+
+def _digits_federated(
+    num_partitions: int, spec: PartitionSpec, seed: int, test_fraction: float, options: DataOptions
+) -> FederatedData:
+    """The digits' partitions and held-out examples from the tensor cache, or built and stored there."""
+    check_bundled_eval_split("digits", options.eval_split)
+    identity = {"seed": seed, "test_fraction": test_fraction, "partitioner": spec.name, "settings": spec.settings}
+    path = tensor_cache.cache_path("partitions", num_partitions=num_partitions, **identity)
+    cached = tensor_cache.load(path)
+    if cached is not None and len(cached) == num_partitions + 1:
+        return FederatedData.from_partitions(cached[1:], cached[0], DIGITS_INFO)
+    train, test, info = _load_train_test("digits", seed, test_fraction, TextSpec(), None, options)
+    data = FederatedData(make_partitioner(spec, num_partitions, seed, train, info.label_column), test, info)
+    if tensor_cache.enabled():
+        tensor_cache.save(path, [test, *(data.partition(p) for p in range(num_partitions))])
+    return data
 
 
 __all__ = [
@@ -259,6 +321,7 @@ __all__ = [
     "TextSpec",
     "is_image_dataset",
     "load_federated_data",
+    "load_test",
     "load_train_test",
     "make_partitioner",
     "sample_batch",
