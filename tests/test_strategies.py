@@ -38,9 +38,10 @@ EXACT = [
     ("mu-splitfed", f"mu-splitfed.local-steps=2 split-server.placement='ray' aggregation.rule='median' {BYZANTINE}", 3),
 ]
 # One ClientApp actor (``ONE_ACTOR``) where no node state outlives a message, so none can be lost between processes:
-# FedAvg's nodes get the whole model in every request; the frozen client's θ_c never changes (no ledger entries).
-# The others keep two actors, so a node's messages (and the steps of one round) land in different processes.
-STATELESS_NODES = {"fedavg", "frozen-client"}
+# FedAvg's nodes get the whole model in every request, and so do the auxiliary-network family's (HERON-SFL,
+# CSE-FSL, FSL-SAGE: θ_c and the head, one exchange a round); the frozen client's θ_c never changes (no ledger
+# entries). The others keep two actors, so a node's messages (and the steps of one round) land in different processes.
+STATELESS_NODES = {"fedavg", "frozen-client", "heron-sfl", "cse-fsl", "fsl-sage"}
 
 
 @pytest.mark.parametrize("strategy,extra,nodes", EXACT, ids=[s for s, *_ in EXACT])
